@@ -1,0 +1,116 @@
+"""Toy benchmarks: exact score, training iteration, whole reproduction.
+
+Prints medians and ratios against a straightforward baseline run in the same
+process, and writes benchmarks/results/toy_cpu.json.
+
+    python benchmarks/bench_toy.py            # score + training iteration (~1 min)
+    python benchmarks/bench_toy.py --full     # + the whole reproduction at the paper's settings
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toy2d  # noqa: E402
+from mini_autoguide.edm import exact_score_loss, sample_sigma  # noqa: E402
+from toy2d.model import ToyMLP  # noqa: E402
+
+
+def median_ms(fn, repeats=15, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def baseline_score(g, x, sigma):
+    """The straightforward way: per-component Gaussians in log space, autograd for the score."""
+    mu = torch.as_tensor(g.mu, dtype=x.dtype)
+    cov = torch.as_tensor(g.cov, dtype=x.dtype)[None] + (sigma ** 2)[:, None, None, None] * torch.eye(2, dtype=x.dtype)
+    logw = torch.as_tensor(g.weight, dtype=x.dtype).log()
+    x = x.detach().requires_grad_(True)
+    d = x[:, None, :] - mu[None]                                   # [N, K, 2]
+    prec = torch.linalg.inv(cov)
+    q = torch.einsum("nki,nkij,nkj->nk", d, prec, d)
+    logp = torch.logsumexp(logw - 0.5 * q - 0.5 * torch.logdet(cov) - np.log(2 * np.pi), 1)
+    return torch.autograd.grad(logp.sum(), x)[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="also time the whole reproduction (minutes)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "toy_cpu.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    g = toy2d.gmm("A")
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    x = g.sample(n, generator=gen) + 0.05 * torch.randn(n, 2, generator=gen)
+    sigma = sample_sigma(n, -2.3, 1.5, generator=gen)
+    res = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               torch=torch.__version__, threads=torch.get_num_threads())
+
+    # ---- exact score ---------------------------------------------------------
+    ours = median_ms(lambda: g.score(x, sigma))
+    base = median_ms(lambda: baseline_score(g, x, sigma), repeats=5, warmup=1)
+    s64 = g.score(x.double(), sigma.double())
+    err = float(((g.score(x, sigma).double() - s64) * sigma.double()[:, None]).abs().max())
+    res["exact_score"] = dict(points=n, components=len(g), ms=ours, baseline_ms=base, speedup=base / ours,
+                              max_err_sigma_times_score_vs_float64=err)
+    print(f"exact score, {n} points x {len(g)} components, mixed sigma, float32: {ours:.1f} ms "
+          f"(baseline {base:.0f} ms, {base / ours:.0f}x); max |sigma (s32 - s64)| = {err:.1e}")
+
+    # ---- one training iteration ----------------------------------------------
+    for width in (64, 32):
+        net = ToyMLP(width).train()
+        opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99))
+
+        def step(score_fn):
+            y = g.sample(n, generator=gen)
+            s = sample_sigma(n, -2.3, 1.5, generator=gen)
+            xx = y + s[:, None] * torch.randn(n, 2, generator=gen)
+            loss = exact_score_loss(net.score(xx, s), score_fn(g, xx, s), s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        it = median_ms(lambda: step(lambda g, a, b: g.score(a, b)))
+        it_base = median_ms(lambda: step(baseline_score), repeats=5, warmup=1)
+        res[f"train_iteration_width{width}"] = dict(batch=n, ms=it, baseline_target_ms=it_base, speedup=it_base / it)
+        print(f"training iteration, width {width}, batch {n}: {it:.1f} ms "
+              f"(with the baseline exact score: {it_base:.0f} ms, {it_base / it:.1f}x)")
+
+    # ---- the whole reproduction ----------------------------------------------
+    if args.full:
+        import tempfile
+        from toy2d.reproduce import Settings, reproduce
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            report = reproduce(tmp, Settings(), progress=False, log=lambda *a: None)
+            total = time.perf_counter() - t
+        res["reproduce"] = dict(seconds=total, train_seconds=report["seconds"]["train"])
+        print(f"toy reproduce at the paper's settings: {total:.0f} s "
+              f"(training {sum(report['seconds']['train'].values()):.0f} s)")
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    old = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+    old.update(res)
+    with open(args.out, "w") as f:
+        json.dump(old, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

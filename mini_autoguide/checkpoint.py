@@ -1,0 +1,86 @@
+"""Files: atomic writes, and models as safetensors with their JSON config.
+
+Nothing read here can execute code: weights are safetensors, configs JSON,
+training state goes through torch.load(weights_only=True).
+"""
+import json
+import os
+import tempfile
+
+import torch
+
+FORMAT = "mini_autoguide"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, truncated or not one of ours."""
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path (never a half file)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def save_model(path, net, kind, config, extra=None):
+    """Save net's state as safetensors; kind and config (JSON-able) go in its header."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config), "extra": json.dumps(extra or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_model(path, kind=None):
+    """Return (state_dict, config, extra) of a file written by save_model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or foreign): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a {FORMAT} model")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    try:
+        return state, json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has a damaged config header") from None
+
+
+def save_state(path, state):
+    """Training state (tensors, numbers, strings, lists, dicts) for exact resume."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable training state: {e}") from None

@@ -1,0 +1,43 @@
+"""The command line: python -m mini_autoguide <command> ...
+
+The top layer: it may import everything (the toy, plotting). Each command
+family registers its subcommands; bad input ends with one line on stderr and
+exit code 2, never a traceback.
+"""
+import argparse
+import sys
+
+from .checkpoint import CheckpointError
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def _families():
+    # each: (name, module path) with register(subparsers) inside
+    return [("toy", "mini_autoguide.cli_toy")]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m mini_autoguide",
+        description="Autoguidance (Karras et al. 2024) from a 2D toy with exact scores to image U-Nets.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    import importlib
+    for _, module in _families():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (UsageError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

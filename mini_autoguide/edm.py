@@ -1,0 +1,77 @@
+"""The EDM formulation (Karras et al. 2022; facts file, section 2).
+
+Preconditioning, the training noise distribution and the losses. Everything
+works on any data shape: x is [N, ...] and sigma is [N] (or a scalar).
+"""
+import torch
+
+SIGMA_DATA = 0.5
+
+
+def expand(sigma, x):
+    """Broadcast sigma (scalar or [N]) against x: [N, ...] -> [N, 1, ..., 1]."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def precondition(sigma, sigma_data=SIGMA_DATA):
+    """EDM's (c_skip, c_out, c_in, c_noise) for noise level sigma.
+
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+    """
+    sigma = torch.as_tensor(sigma)
+    var = sigma ** 2 + sigma_data ** 2
+    c_skip = sigma_data ** 2 / var
+    c_out = sigma * sigma_data / var.sqrt()
+    c_in = 1 / var.sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def sample_sigma(n, p_mean=-1.2, p_std=1.2, generator=None, device="cpu", dtype=torch.float32):
+    """Training noise levels: ln sigma ~ N(p_mean, p_std^2). Returns [n]."""
+    z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+    return (z * p_std + p_mean).exp()
+
+
+def loss_weight(sigma, sigma_data=SIGMA_DATA):
+    """EDM's lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2: unit loss at init."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def exact_score_loss(score, score_true, sigma):
+    """Exact score matching: mean over the batch of sigma^2 * mean_dim (s - s_true)^2.
+
+    score, score_true: [N, ...]; sigma: [N]. The sigma^2 factor makes every
+    noise level count alike (sigma * score is O(1)).
+    """
+    err = (score - score_true).flatten(1).square().mean(1)
+    return (sigma.reshape(-1) ** 2 * err).mean()
+
+
+def denoising_loss(denoised, clean, sigma, logvar=None, sigma_data=SIGMA_DATA):
+    """Denoising score matching with EDM weighting; EDM2's learned uncertainty.
+
+    denoised, clean: [N, ...]; sigma: [N]; logvar: optional [N] (u(sigma)).
+    Per element lambda/e^u (D - y)^2 + u, averaged (u = 0 gives plain EDM).
+    """
+    weight = expand(loss_weight(sigma, sigma_data), clean)
+    err = weight * (denoised - clean).square()
+    if logvar is not None:
+        u = expand(logvar, clean)
+        err = err / u.exp() + u
+    return err.mean()
+
+
+def add_noise(clean, sigma, generator=None):
+    """x = y + sigma * eps. clean: [N, ...], sigma: [N]."""
+    eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    return clean + expand(sigma, clean) * eps
+
+
+def score_from_denoiser(denoised, x, sigma):
+    """s = (D - x) / sigma^2, the identity behind D = x + sigma^2 s."""
+    return (denoised - x) / expand(sigma, x) ** 2
+

@@ -1,0 +1,101 @@
+"""Guidance: wrap denoisers into a denoiser (facts file, section 1).
+
+    D_w(x; sigma) = D_guide(x; sigma) + w (D_main(x; sigma) - D_guide(x; sigma))
+
+Autoguidance and CFG are the same extrapolation; they differ only in the
+guide: a weaker version of the main model (autoguidance) or an unconditional
+model (CFG). Because D = x + sigma^2 s is affine in the score, this is also
+s_w = s_guide + w (s_main - s_guide). w = 1 gives the main model back.
+"""
+import math
+
+import torch
+
+from .edm import expand
+
+METHODS = ("none", "cfg", "autoguidance", "truncation")
+
+
+def check_weight(weight):
+    weight = float(weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"guidance weight must be a finite number, got {weight}")
+    return weight
+
+
+def check_interval(interval):
+    """interval: None (always on) or (sigma_lo, sigma_hi) with 0 <= lo < hi."""
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    if not (math.isfinite(lo) and lo >= 0 and hi > lo):
+        raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def guided(main, guide, weight, interval=None, guide_kwargs=None):
+    """The guided denoiser D_guide + w (D_main - D_guide).
+
+    main, guide: denoisers D(x, sigma, **kwargs). interval: optional
+    (lo, hi); outside lo <= sigma <= hi the main model runs alone, and the
+    guide is not evaluated at all when sigma is a scalar. guide_kwargs
+    replace the call's kwargs for the guide (e.g. class_labels=None for an
+    unconditional CFG guide that is the main network itself).
+    """
+    weight, interval = check_weight(weight), check_interval(interval)
+
+    def denoise(x, sigma, **kwargs):
+        d_main = main(x, sigma, **kwargs)
+        on = _inside(sigma, interval, x)
+        if on is False:
+            return d_main
+        d_guide = guide(x, sigma, **(kwargs if guide_kwargs is None else guide_kwargs))
+        d = d_guide + weight * (d_main - d_guide)
+        return d if on is True else torch.where(on, d, d_main)
+
+    return denoise
+
+
+def autoguidance(main, guide, weight, interval=None):
+    """Guide the main model with a weaker version of itself (smaller, shorter-trained)."""
+    return guided(main, guide, weight, interval)
+
+
+def cfg(main, unconditional, weight, interval=None, unconditional_kwargs=None):
+    """Classifier-free guidance: guide the conditional model with an unconditional one."""
+    return guided(main, unconditional, weight, interval, unconditional_kwargs)
+
+
+def truncation(main, factor):
+    """Naive score truncation: scale the score by factor. D' = x + factor (D - x)."""
+    factor = check_weight(factor)
+
+    def denoise(x, sigma, **kwargs):
+        return x + factor * (main(x, sigma, **kwargs) - x)
+
+    return denoise
+
+
+def make(method, main, guide=None, weight=1.0, interval=None, guide_kwargs=None):
+    """One entry point for all methods: "none", "cfg", "autoguidance", "truncation"."""
+    if method not in METHODS:
+        raise ValueError(f"unknown guidance method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "none":
+        return main
+    if method == "truncation":
+        return truncation(main, weight)
+    if guide is None:
+        raise ValueError(f"method {method!r} needs a guide model")
+    return guided(main, guide, weight, interval, guide_kwargs)
+
+
+def _inside(sigma, interval, x):
+    """True/False for a scalar sigma, or a broadcastable mask for per-sample sigma."""
+    if interval is None:
+        return True
+    lo, hi = interval
+    if not torch.is_tensor(sigma) or sigma.ndim == 0:
+        return lo <= float(sigma) <= hi
+    sigma_t = sigma
+    mask = (sigma_t >= lo) & (sigma_t <= hi)
+    return expand(mask.to(x.dtype), x).bool()

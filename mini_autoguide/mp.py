@@ -1,0 +1,81 @@
+"""Magnitude-preserving (MP) building blocks of EDM2 (facts file, section 4).
+
+Every layer keeps unit-variance inputs at unit variance: weight rows are used
+at unit norm, activations and sums are rescaled. No biases anywhere.
+"""
+import math
+
+import numpy as np
+import torch
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """Scale x so that its RMS over `dim` (all but dim 0 by default) is 1."""
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x):
+    """SiLU rescaled to unit variance for unit-normal input."""
+    return torch.nn.functional.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """Blend a and b with weight t on b, keeping unit magnitude."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Concatenate along dim, weighting b by t, keeping unit magnitude overall."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    wa = c / math.sqrt(na) * (1 - t)
+    wb = c / math.sqrt(nb) * t
+    return torch.cat([wa * a, wb * b], dim=dim)
+
+
+class MPFourier(torch.nn.Module):
+    """Fourier features sqrt(2) cos(2 pi (f c + phi)) with fixed random f, phi."""
+
+    def __init__(self, channels, bandwidth=1.0, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * np.pi * torch.randn(channels, generator=g) * bandwidth)
+        self.register_buffer("phases", 2 * np.pi * torch.rand(channels, generator=g))
+
+    def forward(self, x):
+        y = x.to(torch.float32).ger(self.freqs) + self.phases
+        return (y.cos() * np.sqrt(2)).to(x.dtype)
+
+
+class MPConv(torch.nn.Module):
+    """MP linear (kernel=()) or 2D convolution (kernel=(k, k)) without bias.
+
+    Each output unit's weight row is used at unit norm divided by sqrt(fan_in)
+    and, while training, the stored weight is re-normalised in place first
+    ("forced weight normalisation"), so the optimizer cannot inflate it.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel=()):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    def effective_weight(self, gain=1, dtype=torch.float32):
+        """The weight as used: rows at unit norm / sqrt(fan_in), times gain.
+        While training, also re-normalises the stored weight in place."""
+        w = self.weight.to(torch.float32)
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
+        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
+        return w.to(dtype)
+
+    def forward(self, x, gain=1):
+        w = self.effective_weight(gain, x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)

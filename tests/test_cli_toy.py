@@ -1,0 +1,137 @@
+"""The toy CLI end to end (fast mode) and its handling of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mini_autoguide.cli import main
+from toy2d.model import ToyMLP
+from toy2d.reproduce import METHODS, save_toy
+from toy2d.train import ToyConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    """The CLI as a user runs it: a subprocess, so tracebacks would show."""
+    return subprocess.run([sys.executable, "-m", "mini_autoguide", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def bad(capsys, *args):
+    """In-process run that must fail with exit 2 and one clear line on stderr."""
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "run"
+    r = run("toy", "reproduce", "--fast", "--quiet", "--outdir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_reproduce_fast_end_to_end(reproduced):
+    out, r = reproduced
+    report = json.loads((out / "metrics.json").read_text())
+    for name in METHODS + ("truth",):
+        x = np.load(out / "samples" / f"{name}.npz")["x"]
+        assert x.shape == (4096, 2) and np.isfinite(x).all()
+        assert set(report["methods"][name]) >= {"mean_logp", "outliers", "branch_tv", "precision", "recall"}
+    for fig in ("samples.png", "guide.png", "sweep.png"):
+        assert (out / fig).stat().st_size > 10_000
+    assert "autoguidance" in r.stdout and "outliers" in r.stdout
+    # the true samples are the reference: few outliers, high precision and recall
+    t = report["methods"]["truth"]
+    assert t["outliers"] < 0.03 and t["precision"] > 0.9 and t["recall"] > 0.9
+    # truncation removes outliers but loses coverage: the trade-off shows even in fast mode
+    assert report["methods"]["truncation"]["outliers"] < report["methods"]["none"]["outliers"]
+    assert report["methods"]["truncation"]["recall"] < report["methods"]["none"]["recall"]
+
+
+def test_reproduce_refuses_to_overwrite(reproduced):
+    out, _ = reproduced
+    before = (out / "metrics.json").read_bytes()
+    r = run("toy", "reproduce", "--fast", "--quiet", "--outdir", str(out))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_plot_and_evaluate_from_a_run(reproduced, tmp_path, capsys):
+    out, _ = reproduced
+    assert main(["toy", "plot", "--outdir", str(out)]) == 0
+    js = tmp_path / "eval.json"
+    assert main(["toy", "evaluate", str(out / "samples" / "truth.npz"), "--json", str(js)]) == 0
+    assert "precision" in capsys.readouterr().out
+    assert json.loads(js.read_text())
+    bad(capsys, "toy", "evaluate", str(out / "samples" / "truth.npz"), "--json", str(js))  # exists
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    cfg = ToyConfig(width=8, iterations=2, batch=64)
+    from toy2d.train import train
+    net, _ = train(cfg)
+    save_toy(d / "main.safetensors", net, cfg)
+    save_toy(d / "guide.safetensors", net, cfg)
+    odd = ToyMLP(8, dim=3)
+    from mini_autoguide.checkpoint import save_model
+    save_model(d / "dim3.safetensors", odd, "toy2d-mlp", dict(vars(cfg)))
+    (d / "truncated.safetensors").write_bytes((d / "main.safetensors").read_bytes()[:64])
+    torch.save({"a": 1}, d / "foreign.safetensors")
+    return d
+
+
+def test_train_and_sample_commands(models, tmp_path, capsys):
+    m = str(tmp_path / "m.safetensors")
+    assert main(["toy", "train", "--out", m, "--width", "8", "--iterations", "3", "--batch", "64", "--quiet"]) == 0
+    s = tmp_path / "s.npz"
+    assert main(["toy", "sample", "--main", m, "--guide", str(models / "guide.safetensors"), "--method",
+                 "autoguidance", "--weight", "2", "-n", "32", "--steps", "4", "--out", str(s), "--quiet"]) == 0
+    assert np.load(s)["x"].shape == (32, 2)
+    capsys.readouterr()
+    bad(capsys, "toy", "train", "--out", m, "--width", "8", "--iterations", "3")  # exists, no --force
+
+
+def test_bad_input(models, tmp_path, capsys):
+    m, g = str(models / "main.safetensors"), str(models / "guide.safetensors")
+    out = str(tmp_path / "x.npz")
+    common = ["--main", m, "-n", "8", "--steps", "2", "--out", out, "--quiet"]
+    assert "unknown class" in bad(capsys, "toy", "train", "--out", str(tmp_path / "c.st"), "--classes", "C")
+    assert "unknown method" in bad(capsys, "toy", "sample", *common, "--method", "magic")
+    assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "nan")
+    assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "inf")
+    assert "interval" in bad(capsys, "toy", "sample", *common, "--guide", g, "--interval", "1", "0.5")
+    assert "interval" in bad(capsys, "toy", "sample", *common, "--guide", g, "--interval", "0.5", "0.5")
+    assert "needs --guide" in bad(capsys, "toy", "sample", *common, "--method", "cfg")
+    assert "dimensions" in bad(capsys, "toy", "sample", *common, "--guide", str(models / "dim3.safetensors"))
+    assert "not found" in bad(capsys, "toy", "sample", *common, "--guide", str(tmp_path / "missing.safetensors"))
+    assert "truncated" in bad(capsys, "toy", "sample", *common, "--guide", str(models / "truncated.safetensors"))
+    assert "foreign" in bad(capsys, "toy", "sample", *common, "--guide", str(models / "foreign.safetensors"))
+    assert not os.path.exists(out)
+    notnpz = tmp_path / "n.npz"
+    notnpz.write_text("hello")
+    assert "cannot read" in bad(capsys, "toy", "evaluate", str(notnpz))
+    np.savez(tmp_path / "w.npz", x=np.zeros((10, 3)))
+    assert "shape" in bad(capsys, "toy", "evaluate", str(tmp_path / "w.npz"))
+
+
+def test_bad_device_is_one_line(tmp_path, capsys):
+    assert "not available" in bad(capsys, "toy", "train", "--out", str(tmp_path / "a"), "--device", "cuda:7")
+
+
+@pytest.mark.parametrize("sub", ["reproduce", "train", "sample", "evaluate", "plot"])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["toy", sub, "--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out

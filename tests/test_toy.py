@@ -1,0 +1,138 @@
+"""The toy network, its training, saving/loading, and the metrics."""
+import numpy as np
+import pytest
+import torch
+
+import toy2d
+from mini_autoguide.checkpoint import CheckpointError
+from mini_autoguide.edm import exact_score_loss
+from toy2d.metrics import ToyMetrics
+from toy2d.model import ToyMLP
+from toy2d.reproduce import load_toy, save_toy
+from toy2d.train import ToyConfig, train
+
+
+def test_score_equals_autograd_reference_in_float64():
+    torch.manual_seed(0)
+    net = ToyMLP(16).double().eval()
+    with torch.no_grad():
+        net.gain.fill_(0.8)
+    x = torch.randn(50, 2, dtype=torch.float64)
+    sigma = torch.rand(50, dtype=torch.float64) + 0.01
+    # finite differences of G (independent of autograd)
+    h = 1e-6
+    fd = torch.stack([(net.logp(x + h * e, sigma) - net.logp(x - h * e, sigma)) / (2 * h)
+                      for e in torch.eye(2, dtype=torch.float64)], 1)
+    assert torch.allclose(net.score(x, sigma), fd, rtol=1e-6, atol=1e-6)
+    d = net(x, sigma)
+    assert torch.allclose(d, x + sigma[:, None] ** 2 * net.score(x, sigma))
+
+
+def test_untrained_model_is_the_gaussian_prior():
+    """With gain 0, G = -|x c_in|^2 / 2: the denoiser of N(0, sigma_d^2 I) data."""
+    net = ToyMLP(8).double().eval()
+    x = torch.randn(10, 2, dtype=torch.float64)
+    assert torch.allclose(net(x, 0.7), x * 0.25 / (0.25 + 0.49))
+
+
+def test_mp_layers_keep_unit_variance():
+    net = ToyMLP(256, depth=4)
+    x = torch.randn(4096, 4)
+    from mini_autoguide.mp import mp_silu
+    y = net.layers[0](x)
+    assert abs(y.std().item() - 1) < 0.1
+    for layer in net.layers[1:]:
+        y = layer(mp_silu(y))
+        assert 0.8 < y.std().item() < 1.25
+
+
+def test_training_beats_untrained_model():
+    config = ToyConfig(width=32, iterations=150, batch=1024, seed=1)
+    net, losses = train(config)
+    g = toy2d.gmm("A")
+    gen = torch.Generator().manual_seed(99)
+    y = g.sample(4096, generator=gen)
+    sigma = (torch.randn(4096, generator=gen) * 1.5 - 2.3).exp()
+    x = y + sigma[:, None] * torch.randn(4096, 2, generator=gen)
+    target = g.score(x, sigma)
+    untrained = ToyMLP(32).eval()
+    with torch.no_grad():
+        trained_loss = exact_score_loss(net.score(x, sigma), target, sigma)
+        untrained_loss = exact_score_loss(untrained.score(x, sigma), target, sigma)
+    assert trained_loss < 0.6 * untrained_loss
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+
+
+def test_dsm_loss_trains_too():
+    net, losses = train(ToyConfig(width=16, iterations=60, batch=512, loss="dsm"))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_training_is_deterministic_per_seed():
+    a, _ = train(ToyConfig(width=8, iterations=5, batch=256, seed=3))
+    b, _ = train(ToyConfig(width=8, iterations=5, batch=256, seed=3))
+    c, _ = train(ToyConfig(width=8, iterations=5, batch=256, seed=4))
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown class"):
+        ToyConfig(classes="Z").check()
+    with pytest.raises(ValueError, match="unknown loss"):
+        ToyConfig(loss="l1").check()
+
+
+def test_save_load_round_trip(tmp_path):
+    config = ToyConfig(width=8, iterations=3, batch=64)
+    net, _ = train(config)
+    path = tmp_path / "m.safetensors"
+    save_toy(path, net, config)
+    loaded, cfg = load_toy(path)
+    assert cfg == config
+    x = torch.randn(5, 2)
+    assert torch.equal(loaded(x, 0.3), net(x, 0.3))
+
+
+def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_toy(tmp_path / "nope.safetensors")
+    config = ToyConfig(width=8, iterations=1, batch=64)
+    net, _ = train(config)
+    good = tmp_path / "good.safetensors"
+    save_toy(good, net, config)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or foreign"):
+        load_toy(truncated)
+    pickle = tmp_path / "pickle.safetensors"
+    torch.save(net.state_dict(), pickle)
+    with pytest.raises(CheckpointError):
+        load_toy(pickle)
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a mini_autoguide model"):
+        load_toy(foreign)
+
+
+def test_metrics_on_true_and_bad_samples():
+    m = ToyMetrics("A", n_reference=2048, n_threshold=50_000)
+    gen = torch.Generator().manual_seed(5)
+    truth = m.gmm.sample(2048, generator=gen)
+    r = m(truth)
+    assert abs(r["outliers"] - 0.01) < 0.01       # 1% of true samples fall outside 99% of the mass
+    assert r["precision"] > 0.9 and r["recall"] > 0.9
+    assert r["branch_tv"] < 0.15
+    # a distribution that collapses onto the single heaviest branch
+    heavy = m.gmm.branch == m.gmm.branch[np.argmax(m.gmm.weight)]
+    sub = toy2d.GMM(m.gmm.weight[heavy], m.gmm.mu[heavy], m.gmm.cov[heavy])
+    core = sub.sample(2048, generator=gen)
+    rc = m(core)
+    share = m.gmm.weight[heavy].sum()
+    assert abs(rc["branch_tv"] - (1 - share)) < 0.03  # all mass on one branch: TV = 1 - its weight
+    assert rc["recall"] < share + 0.1 and rc["precision"] > 0.9
+    # class B samples are almost all outliers
+    rb = m(toy2d.gmm("B").sample(2048, generator=gen))
+    assert rb["outliers"] > 0.9 and rb["precision"] < 0.2

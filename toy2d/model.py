@@ -1,0 +1,49 @@
+"""The toy network of the paper: an MP MLP whose output is a log-density.
+
+G(x; sigma) = g * mean_k F_k(x, sigma)^2 / sigma - 0.5 |x c_in|^2
+
+Its score is grad_x G by autograd (so the network is a true gradient field) and
+the denoiser is D = x + sigma^2 grad_x G. Because G is a log-density up to a
+constant, the densities of main and guide can be drawn and compared.
+"""
+import torch
+
+from mini_autoguide.edm import SIGMA_DATA, expand
+from mini_autoguide.mp import MPConv, mp_silu
+
+
+class ToyMLP(torch.nn.Module):
+    """x: [N, 2], sigma: [N] or scalar. width n, `depth` hidden n->n layers."""
+
+    def __init__(self, width=64, depth=4, sigma_data=SIGMA_DATA, dim=2):
+        super().__init__()
+        self.config = dict(width=width, depth=depth, sigma_data=sigma_data, dim=dim)
+        self.sigma_data = sigma_data
+        self.layers = torch.nn.ModuleList(
+            [MPConv(dim + 2, width)] + [MPConv(width, width) for _ in range(depth)])
+        self.gain = torch.nn.Parameter(torch.zeros([]))
+
+    def logp(self, x, sigma):
+        """G(x; sigma), an unnormalised log-density. [N]."""
+        sigma = expand(sigma, x[:, :1]).expand(x.shape[0], 1)
+        c_in = (sigma ** 2 + self.sigma_data ** 2).rsqrt()
+        y = torch.cat([x * c_in, sigma.log() / 4, torch.ones_like(sigma)], 1)
+        y = self.layers[0](y)
+        for layer in self.layers[1:]:
+            y = layer(mp_silu(y))
+        return self.gain * y.square().mean(1) / sigma[:, 0] - 0.5 * (x * c_in).square().sum(1)
+
+    def score(self, x, sigma, create_graph=None):
+        """grad_x G by autograd: [N, 2]. create_graph (default: in training
+        mode with grad enabled) keeps the graph so a loss on the score trains."""
+        if create_graph is None:
+            create_graph = self.training and torch.is_grad_enabled()
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.logp(x, sigma).sum(), x, create_graph=create_graph)
+        return grad
+
+    def forward(self, x, sigma, **unused):
+        """The denoiser D(x; sigma) = x + sigma^2 grad_x G. [N, 2]."""
+        s = self.score(x, sigma)
+        return x + expand(sigma, x) ** 2 * s

@@ -1,0 +1,178 @@
+"""The toy reproduction: train main, autoguidance guide and CFG guide; sample
+each method from identical starting points; measure everything exactly.
+
+    main   = class A, width 64, 4096 iterations
+    guide  = class A, width 32, 512 iterations   (the weak version of main)
+    uncond = classes AB, width 32, 512 iterations (CFG's "unconditional" model)
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from mini_autoguide import guidance
+from mini_autoguide.checkpoint import CheckpointError, read_model, save_model, write_json
+from mini_autoguide.sampler import heun_sample, sigma_steps
+
+from .fractal import gmm as make_gmm
+from .metrics import ToyMetrics
+from .model import ToyMLP
+from .train import ToyConfig, model_config, train
+
+METHODS = ("none", "cfg", "autoguidance", "truncation")
+MODEL_KIND = "toy2d-mlp"
+
+
+@dataclass
+class Settings:
+    """The paper's settings by default; fast() shrinks them for CI and notebooks."""
+    main: ToyConfig = field(default_factory=lambda: ToyConfig(classes="A", width=64, iterations=4096))
+    guide: ToyConfig = field(default_factory=lambda: ToyConfig(classes="A", width=32, iterations=512))
+    uncond: ToyConfig = field(default_factory=lambda: ToyConfig(classes="AB", width=32, iterations=512))
+    samples: int = 8192
+    steps: int = 32
+    sigma_min: float = 0.002
+    sigma_max: float = 5.0
+    rho: float = 7.0
+    weights: dict = field(default_factory=lambda: dict(none=1.0, cfg=4.0, autoguidance=3.0, truncation=1.40))
+    sweep: dict = field(default_factory=lambda: dict(
+        autoguidance=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+        cfg=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        truncation=[1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 2.0]))
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, seed=0):
+        """About 15x less work; keeps the qualitative result."""
+        s = cls(seed=seed)
+        s.main = replace(s.main, iterations=512, batch=2048)
+        s.guide = replace(s.guide, iterations=64, batch=2048)
+        s.uncond = replace(s.uncond, iterations=64, batch=2048)
+        s.samples = 4096
+        s.steps = 16
+        s.sweep = {k: v[::2] for k, v in s.sweep.items()}
+        return s
+
+
+# ---- models ------------------------------------------------------------------
+def save_toy(path, net, config):
+    save_model(path, net, MODEL_KIND, model_config(config))
+
+
+def load_toy(path):
+    """Load a toy model saved by save_toy; returns (net in eval mode, ToyConfig)."""
+    state, config, _ = read_model(path, MODEL_KIND)
+    try:
+        cfg = ToyConfig(**config)
+        net = ToyMLP(cfg.width, cfg.depth)
+        net.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not match their config ({e})") from None
+    return net.eval().requires_grad_(False), cfg
+
+
+def train_models(settings, outdir=None, progress=False, log=print):
+    """Train (or load from outdir/models when present) the three models."""
+    nets, seconds = {}, {}
+    for i, name in enumerate(("main", "guide", "uncond")):
+        config = replace(getattr(settings, name), seed=settings.seed * 10 + i)
+        path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
+        if path is not None and os.path.exists(path):
+            nets[name], _ = load_toy(path)
+            log(f"loaded {name} from {path}")
+            continue
+        t0 = time.perf_counter()
+        nets[name], _ = train(config, progress=progress)
+        seconds[name] = time.perf_counter() - t0
+        nets[name].requires_grad_(False)
+        log(f"trained {name} ({config.classes}, width {config.width}, {config.iterations} it) "
+            f"in {seconds[name]:.1f}s ({seconds[name] / config.iterations * 1e3:.1f} ms/it)")
+        if path is not None:
+            save_toy(path, nets[name], config)
+    return nets, seconds
+
+
+# ---- sampling ----------------------------------------------------------------
+def denoiser(method, nets, weight, interval=None):
+    """The denoiser of one method: main alone, or guided by guide / uncond."""
+    guide = {"cfg": nets.get("uncond"), "autoguidance": nets.get("guide")}.get(method)
+    return guidance.make(method, nets["main"], guide, weight, interval)
+
+
+def start_points(settings, n=None, seed=None):
+    """Exact samples of class A at sigma_max: the same for every method."""
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + 7 if seed is None else seed)
+    return make_gmm("A").sample(n or settings.samples, sigma=settings.sigma_max, generator=gen)
+
+
+def sample(D, x, settings, record=False, progress=False):
+    sigmas = sigma_steps(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho)
+    with torch.no_grad():
+        return heun_sample(D, x, sigmas, record=record, progress=progress)
+
+
+# ---- the whole reproduction --------------------------------------------------
+def reproduce(outdir, settings, progress=False, figures=True, log=print):
+    """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures."""
+    t_start = time.perf_counter()
+    nets, train_seconds = train_models(settings, outdir, progress, log)
+    metrics = ToyMetrics("A", n_reference=settings.samples, seed=settings.seed + 12345)
+    x0 = start_points(settings)
+    results, samples = {}, {}
+
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
+    samples["truth"] = metrics.gmm.sample(settings.samples, generator=gen)
+    for method in METHODS:
+        t0 = time.perf_counter()
+        samples[method] = sample(denoiser(method, nets, settings.weights[method]), x0, settings, progress=progress)
+        results[method] = dict(weight=settings.weights[method], seconds=time.perf_counter() - t0)
+    for name, x in samples.items():
+        results.setdefault(name, {}).update(metrics(x))
+
+    sweep = []
+    for method, ws in settings.sweep.items():
+        for w in ws:
+            x = sample(denoiser(method, nets, w), x0, settings)
+            sweep.append(dict(method=method, weight=w, **metrics(x)))
+    total = time.perf_counter() - t_start
+    report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
+                  seconds=dict(train=train_seconds, total=total), threshold_logp=metrics.threshold,
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
+    for name, x in samples.items():
+        _save_npz(os.path.join(outdir, "samples", f"{name}.npz"), x)
+    write_json(os.path.join(outdir, "metrics.json"), report)
+    if figures:
+        from . import plots
+        plots.all_figures(outdir, nets, samples, report, settings)
+    log(format_table(report))
+    log(f"total {total:.1f}s; wrote {outdir}/metrics.json, samples/, figures")
+    return report
+
+
+def format_table(report):
+    """The metrics table as aligned text (also used for the README)."""
+    head = f"{'method':<13}{'w':>6}{'mean log p':>12}{'outliers':>10}{'branch TV':>11}{'precision':>11}{'recall':>8}"
+    rows = [head, "-" * len(head)]
+    for name in ("truth",) + METHODS:
+        r = report["methods"][name]
+        w = f"{r['weight']:.2f}" if "weight" in r else "-"
+        rows.append(f"{name:<13}{w:>6}{r['mean_logp']:>12.3f}{r['outliers']:>10.3f}{r['branch_tv']:>11.3f}"
+                    f"{r['precision']:>11.3f}{r['recall']:>8.3f}")
+    return "\n".join(rows)
+
+
+def _save_npz(path, x):
+    from mini_autoguide.checkpoint import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, x=np.asarray(x, dtype=np.float32))
+    atomic_write(path, write)
+
+
+def _jsonable(settings):
+    return json.loads(json.dumps(asdict(settings)))

@@ -1,0 +1,101 @@
+"""Training the toy models (paper, App. C; facts file, section 3).
+
+Exact score matching needs no data set: each batch is fresh samples of the
+class, noised, with the exact score of the noised density as the target.
+Denoising score matching (EDM weighting) is the alternative that only needs
+samples, as for images.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
+from mini_autoguide.ema import PowerEMA
+
+from .fractal import CLASSES, gmm as make_gmm
+from .model import ToyMLP
+
+LOSSES = ("exact", "dsm")
+
+
+@dataclass
+class ToyConfig:
+    """The paper's settings are the defaults."""
+    classes: str = "A"
+    width: int = 64
+    depth: int = 4
+    iterations: int = 4096
+    batch: int = 4096
+    loss: str = "exact"        # "exact" score matching or "dsm" (denoising)
+    lr: float = 0.01
+    lr_ref_iter: int = 512     # lr = lr / sqrt(max(t / lr_ref_iter, 1))
+    p_mean: float = -2.3
+    p_std: float = 1.5
+    ema_sigma_rel: float = 0.010
+    seed: int = 0
+
+    def check(self):
+        if self.classes not in CLASSES:
+            raise ValueError(f"unknown class {self.classes!r}: choose one of {', '.join(CLASSES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        for name in ("width", "iterations", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer")
+        return self
+
+
+def learning_rate(config, t):
+    return config.lr / math.sqrt(max(t / config.lr_ref_iter, 1))
+
+
+def train(config, progress=False, callback=None):
+    """Train one toy model; return its EMA copy (eval mode) and the loss history.
+
+    callback(t, ema_net), if given, is called after every iteration t (1-based),
+    e.g. to keep snapshots.
+    """
+    config = config.check()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    target = make_gmm(config.classes)
+    net = ToyMLP(config.width, config.depth).train()
+    ema = PowerEMA(net, [config.ema_sigma_rel])
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+    losses = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
+    for t in range(1, config.iterations + 1):
+        y = target.sample(config.batch, generator=gen)
+        sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=gen)
+        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen)
+        if config.loss == "exact":
+            loss = exact_score_loss(net.score(x, sigma), target.score(x, sigma), sigma)
+        else:
+            loss = denoising_loss(net(x, sigma), y, sigma)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {t}")
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(config, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(net, t)
+        losses.append(loss.item())
+        if callback is not None:
+            callback(t, ema.nets[0])
+        if bar is not None:
+            bar.update(1)
+            if t % 64 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
+    if bar is not None:
+        bar.close()
+    return ema.nets[0].eval(), losses
+
+
+def model_config(config):
+    """What a saved toy model's JSON header holds."""
+    return asdict(config)
