@@ -36,7 +36,7 @@ def main(argv=None):
     try:
         return args.run(args) or 0
     except (UsageError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

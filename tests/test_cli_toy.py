@@ -85,7 +85,7 @@ def models(tmp_path_factory):
     save_toy(d / "guide.safetensors", net, cfg)
     odd = ToyMLP(8, dim=3)
     from mini_autoguide.checkpoint import save_model
-    save_model(d / "dim3.safetensors", odd, "toy2d-mlp", dict(vars(cfg)))
+    save_model(d / "dim3.safetensors", odd, "toy2d-mlp", dict(vars(cfg), dim=3))
     (d / "truncated.safetensors").write_bytes((d / "main.safetensors").read_bytes()[:64])
     torch.save({"a": 1}, d / "foreign.safetensors")
     return d

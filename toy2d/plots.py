@@ -67,7 +67,7 @@ def samples_figure(path, samples, report):
     _save(fig, path)
 
 
-def guide_figure(path, nets, settings, sigma=0.05, n_traj=40):
+def guide_figure(path, nets, settings, sigma=0.05, n_traj=24):
     """Main and guide densities with score arrows, their log-ratio with its
     gradient (the direction autoguidance adds), and trajectories."""
     plt = _plt()
@@ -80,15 +80,18 @@ def guide_figure(path, nets, settings, sigma=0.05, n_traj=40):
             lp[name] = normalized_logp(nets[name].logp(xy, sigma), shape)
         _density(ax, lp[name], shape)
         _arrows(ax, nets[name], sigma)
-        ax.set_title(f"{title}: log p, score\n(sigma = {sigma:g})")
+        ax.set_title(f"{title}: log p and score direction\n(sigma = {sigma:g})")
     ratio = (lp["main"] - lp["guide"]).reshape(shape).numpy()
-    lim = np.percentile(np.abs(ratio), 98)
+    # scale colours by where class A has mass (the far field is uninformative)
+    logp_true = make_gmm("A").logp(xy, sigma).reshape(shape).numpy()
+    where = logp_true > logp_true.max() - 8
+    lim = np.percentile(np.abs(ratio[where]), 98)
+    ratio = np.where(where, ratio, np.nan)  # blank where class A has no mass
     axes[2].imshow(ratio, origin="lower", extent=EXTENT, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="equal")
     _arrows(axes[2], lambda x, s: nets["main"].score(x, s) - nets["guide"].score(x, s), sigma, color="k")
-    axes[2].set_title("log p_main - log p_guide\nand its gradient")
+    axes[2].set_title("log p_main - log p_guide\nand its gradient (red: main > guide)")
     axes[2].set_xticks([]), axes[2].set_yticks([])
-    logp_true = make_gmm("A").logp(xy)
-    _density(axes[3], logp_true, shape)
+    _density(axes[3], make_gmm("A").logp(xy), shape)
     x0 = start_points(settings, n=n_traj, seed=3)
     for method in ("none", "autoguidance"):
         _, traj = sample(denoiser(method, nets, settings.weights[method]), x0, settings, record=True)
@@ -104,12 +107,15 @@ def guide_figure(path, nets, settings, sigma=0.05, n_traj=40):
     _save(fig, path)
 
 
-def _arrows(ax, score_fn, sigma, color="#c03030", n=17):
+def _arrows(ax, score_fn, sigma, color="#c03030", n=12):
     xy, shape = grid(n=n)
     with torch.no_grad():
         s = score_fn(xy, sigma) if callable(score_fn) and not hasattr(score_fn, "score") else score_fn.score(xy, sigma)
-    s = s.numpy() * sigma  # sigma * score is O(1): comparable across sigma
-    ax.quiver(xy[:, 0], xy[:, 1], s[:, 0], s[:, 1], color=color, angles="xy", scale=40, width=0.004)
+    s = s.numpy()
+    # unit-length directions: the magnitudes span orders of magnitude
+    s = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-12)
+    ax.quiver(xy[:, 0], xy[:, 1], s[:, 0], s[:, 1], color=color, angles="xy", scale=22, width=0.005, alpha=0.85)
+    ax.set_xlim(EXTENT[:2]), ax.set_ylim(EXTENT[2:])  # quiver would widen the view
 
 
 def sweep_figure(path, report):

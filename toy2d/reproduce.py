@@ -67,7 +67,7 @@ def load_toy(path):
     state, config, _ = read_model(path, MODEL_KIND)
     try:
         cfg = ToyConfig(**config)
-        net = ToyMLP(cfg.width, cfg.depth)
+        net = ToyMLP(cfg.width, cfg.depth, dim=cfg.dim)
         net.load_state_dict(state)
     except (TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not match their config ({e})") from None

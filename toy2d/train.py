@@ -34,12 +34,15 @@ class ToyConfig:
     p_std: float = 1.5
     ema_sigma_rel: float = 0.010
     seed: int = 0
+    dim: int = 2               # data dimension (the fractal is 2D; kept so files say it)
 
     def check(self):
         if self.classes not in CLASSES:
             raise ValueError(f"unknown class {self.classes!r}: choose one of {', '.join(CLASSES)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.dim != 2:
+            raise ValueError(f"the fractal toy is 2-dimensional, got dim={self.dim}")
         for name in ("width", "iterations", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
