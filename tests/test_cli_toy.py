@@ -51,6 +51,9 @@ def test_reproduce_fast_end_to_end(reproduced):
     # the true samples are the reference: few outliers, high precision and recall
     t = report["methods"]["truth"]
     assert t["outliers"] < 0.03 and t["precision"] > 0.9 and t["recall"] > 0.9
+    # autoguidance corrects the main model's errors: fewer outliers, higher precision
+    none, auto = report["methods"]["none"], report["methods"]["autoguidance"]
+    assert auto["outliers"] < 0.85 * none["outliers"] and auto["precision"] > none["precision"]
     # truncation removes outliers but loses coverage: the trade-off shows even in fast mode
     assert report["methods"]["truncation"]["outliers"] < report["methods"]["none"]["outliers"]
     assert report["methods"]["truncation"]["recall"] < report["methods"]["none"]["recall"]
