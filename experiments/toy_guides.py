@@ -10,8 +10,6 @@ import os
 import sys
 from dataclasses import replace
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide.checkpoint import write_json  # noqa: E402
 from toy2d.metrics import ToyMetrics  # noqa: E402

@@ -1,9 +1,6 @@
 """`python -m mini_autoguide toy ...`: the 2D toy from the command line."""
-import argparse
 import json
-import math
 import os
-import sys
 from dataclasses import replace
 
 from .cli import UsageError
