@@ -1,0 +1,259 @@
+"""The notebooks run headless in fast mode, the assignments check themselves,
+and the checkers tell right from wrong.
+
+Tutorials run in order in one session-wide model cache (a fresh temporary
+folder), so notebook 04 loads the toy models that notebook 03 trained, as it
+would for a reader. Each notebook's wall time is printed (pytest -s).
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+from mini_autoguide import checks, guidance, sampler
+from mini_autoguide.ema import sigma_rel_to_gamma
+from toy2d import checks as toy_checks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+TUTORIALS = sorted(glob.glob(os.path.join(NOTEBOOKS, "[0-9]*.ipynb")))
+EXERCISES = sorted(glob.glob(os.path.join(NOTEBOOKS, "assignments", "[0-9]*.ipynb")))
+SOLUTIONS = sorted(glob.glob(os.path.join(NOTEBOOKS, "assignments", "solutions", "[0-9]*.ipynb")))
+FMNIST = os.environ.get("MINI_AUTOGUIDE_FMNIST", "/usr/share/datasets/fashion-mnist")
+TIMES = {}
+
+
+@pytest.fixture(scope="session")
+def fast_env(tmp_path_factory):
+    """Fast mode and a fresh model cache, inherited by every kernel."""
+    saved = {k: os.environ.get(k) for k in ("MINI_AUTOGUIDE_FAST", "MINI_AUTOGUIDE_CACHE", "MPLBACKEND")}
+    os.environ.update(MINI_AUTOGUIDE_FAST="1", MINI_AUTOGUIDE_CACHE=str(tmp_path_factory.mktemp("cache")),
+                      MPLBACKEND="Agg")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if TIMES:
+        print("\nnotebook wall times (fast mode): " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items())
+              + f"; total {sum(TIMES.values()):.0f}s")
+
+
+def run_notebook(path, timeout=600):
+    """Execute a notebook in its own folder; return (all text output, notebook). Errors raise."""
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    TIMES[os.path.relpath(path, NOTEBOOKS)] = time.perf_counter() - t0
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text.append(out["text"])
+            elif "data" in out and "text/plain" in out["data"]:
+                text.append(out["data"]["text/plain"])
+    return "\n".join(text), nb
+
+
+def check_cells(nb):
+    return sum("checks.check_" in cell.source for cell in nb.cells if cell.cell_type == "code")
+
+
+# ---- committed notebooks ---------------------------------------------------------
+def test_every_notebook_is_there():
+    assert [os.path.basename(p)[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05"]
+    assert len(EXERCISES) >= 3
+    assert [os.path.basename(p) for p in EXERCISES] == [os.path.basename(p) for p in SOLUTIONS]
+
+
+@pytest.mark.parametrize("path", TUTORIALS + EXERCISES + SOLUTIONS, ids=lambda p: os.path.relpath(p, NOTEBOOKS))
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path}: strip outputs before committing"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+def test_tutorial_opens_with_what_it_teaches_and_assumes_and_reads_the_switch(path):
+    nb = nbformat.read(path, as_version=4)
+    intro = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and "What this teaches" in intro and "What it assumes" in intro
+    first_code = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'os.environ.get("MINI_AUTOGUIDE_FAST"' in first_code
+
+
+def test_exercises_are_the_solutions_with_the_solutions_removed():
+    script = os.path.join(NOTEBOOKS, "assignments", "make_exercises.py")
+    result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in SOLUTIONS:
+        assert "### BEGIN SOLUTION" in open(path).read()
+    for path in EXERCISES:
+        text = open(path).read()
+        assert "BEGIN SOLUTION" not in text and "NotImplementedError" in text
+
+
+# ---- executing them ----------------------------------------------------------------
+@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+def test_tutorial_runs_in_fast_mode(path, fast_env):
+    if path.endswith("05_images.ipynb") and not os.path.isdir(FMNIST):
+        pytest.skip(f"Fashion-MNIST not found at {FMNIST} (set MINI_AUTOGUIDE_FMNIST)")
+    text, _ = run_notebook(path)
+    assert "fast mode: True" in text
+    name = os.path.basename(path)
+    if name.startswith("01"):  # the hand-written Heun step is the package's, exactly
+        assert "max |hand-written Heun step - sampler.heun_sample| = 0.0e+00" in text
+    if name.startswith("03") or name.startswith("04"):
+        assert "autoguidance" in text and "precision" in text
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=os.path.basename)
+def test_solutions_pass_every_check(path, fast_env):
+    text, nb = run_notebook(path)
+    assert "HINT [" not in text, text
+    assert text.count("PASS [") == check_cells(nb) > 0
+    assert "first" not in text  # the demo cells ran (they wait for the checks to pass)
+
+
+@pytest.mark.parametrize("path", EXERCISES, ids=os.path.basename)
+def test_unfilled_exercises_give_hints_not_crashes(path, fast_env):
+    text, nb = run_notebook(path)  # raises if any cell crashed
+    assert "PASS [" not in text
+    assert text.count("HINT [") == check_cells(nb) > 0
+    assert text.count("is not filled in yet") == check_cells(nb)
+
+
+# ---- the checkers: right passes, wrong gets a specific hint --------------------------
+def _run(check, fn, capsys):
+    ok = check(fn)
+    return ok, capsys.readouterr().out
+
+
+def _unfilled(*args):
+    raise NotImplementedError
+
+
+def test_check_guided(capsys):
+    ok, out = _run(checks.check_guided, lambda m, g, w: guidance.guided(m, g, w), capsys)
+    assert ok and out.startswith("PASS")
+    ok, out = _run(checks.check_guided, lambda m, g, w: (lambda x, s: m(x, s) + w * (g(x, s) - m(x, s))), capsys)
+    assert not ok and "w = 1 must give the main model back" in out and "expected" in out and "got" in out
+    ok, out = _run(checks.check_guided, lambda m, g, w: (lambda x, s: m(x, s) if w != 0 else g(x, s)), capsys)
+    assert not ok and "the guide's term is missing" in out
+    ok, out = _run(checks.check_guided, _unfilled, capsys)
+    assert not ok and "not filled in yet" in out
+
+
+def _heun(D, x, s, s_next):
+    return sampler.heun_sample(D, x, torch.tensor([s, s_next]))
+
+
+def _euler(D, x, s, s_next):
+    return x + (s_next - s) * (x - D(x, s)) / s
+
+
+def _heun_always(D, x, s, s_next):
+    d = (x - D(x, s)) / s
+    x_e = x + (s_next - s) * d
+    return x + (s_next - s) * (d + (x_e - D(x_e, s_next)) / s_next) / 2
+
+
+def test_check_heun_step(capsys):
+    ok, out = _run(checks.check_heun_step, _heun, capsys)
+    assert ok and out.startswith("PASS")
+    ok, out = _run(checks.check_heun_step, _euler, capsys)
+    assert not ok and "Euler step" in out and "sigma 2.0 -> 1.0" in out
+    ok, out = _run(checks.check_heun_step, _heun_always, capsys)
+    assert not ok and "last step" in out
+    ok, out = _run(checks.check_heun_step, lambda D, x, s, sn: x * 1.5, capsys)
+    assert not ok and "expected" in out and "got" in out
+
+
+def test_check_sigma_steps(capsys):
+    ok, out = _run(checks.check_sigma_steps, lambda n, lo, hi, rho: sampler.sigma_steps(n, lo, hi, rho), capsys)
+    assert ok
+    ok, out = _run(checks.check_sigma_steps, lambda n, lo, hi, rho: sampler.sigma_steps(n, lo, hi, rho)[:-1], capsys)
+    assert not ok and "num_steps + 1" in out
+    ok, out = _run(checks.check_sigma_steps, lambda n, lo, hi, rho: sampler.sigma_steps(n, lo, hi, 1.0), capsys)
+    assert not ok and "rho=7.0" in out and "expected" in out
+
+
+def _ema_weights(T, gamma):
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    return (t ** (gamma + 1) - (t - 1) ** (gamma + 1)) / T ** (gamma + 1)
+
+
+def test_check_ema_weights(capsys):
+    ok, out = _run(checks.check_ema_weights, _ema_weights, capsys)
+    assert ok
+    ok, out = _run(checks.check_ema_weights, lambda T, g: _ema_weights(T, g).flip(0), capsys)
+    assert not ok and "reversed" in out
+    ok, out = _run(checks.check_ema_weights, lambda T, g: 2 * _ema_weights(T, g), capsys)
+    assert not ok and "sum to" in out
+    ok, out = _run(checks.check_ema_weights, lambda T, g: _ema_weights(T, g + 1), capsys)  # off by one in gamma
+    assert not ok and "expected" in out
+
+
+def test_ema_profile_reference_is_the_closed_form_and_has_its_sigma_rel():
+    """The checker's reference (PowerEMA fed one-hot parameters) equals the telescoped product,
+    and its relative std approaches sigma_rel for long runs."""
+    for steps, sigma_rel in ((10, 0.1), (300, 0.05)):
+        ref = checks.ema_profile(steps, sigma_rel)
+        assert torch.allclose(ref, _ema_weights(steps, sigma_rel_to_gamma(sigma_rel)), atol=1e-12)
+    assert abs(checks.relative_std(checks.ema_profile(2000, 0.05)) - 0.05) < 2e-3
+
+
+def _mixture_score(x, sigma, w, mu, cov):
+    import math
+    c = cov + sigma ** 2 * torch.eye(2, dtype=x.dtype)
+    p = torch.linalg.inv(c)
+    diff = x[:, None, :] - mu[None]
+    logn = -0.5 * torch.einsum("nki,kij,nkj->nk", diff, p, diff) - 0.5 * torch.logdet(c) - math.log(2 * math.pi)
+    r = torch.softmax(torch.log(w) + logn, dim=1)
+    return -torch.einsum("nk,kij,nkj->ni", r, p, diff)
+
+
+def _mixture_score_no_logspace(x, sigma, w, mu, cov):
+    c = cov + sigma ** 2 * torch.eye(2, dtype=x.dtype)
+    p = torch.linalg.inv(c)
+    diff = x[:, None, :] - mu[None]
+    r = w * torch.exp(-0.5 * torch.einsum("nki,kij,nkj->nk", diff, p, diff)) / torch.det(c).sqrt()
+    r = r / r.sum(1, keepdim=True)
+    return -torch.einsum("nk,kij,nkj->ni", r, p, diff)
+
+
+def test_check_mixture_score(capsys):
+    ok, out = _run(toy_checks.check_mixture_score, _mixture_score, capsys)
+    assert ok and out.startswith("PASS")
+    wrong = {
+        "at sigma = 0": lambda x, s, w, m, c: _mixture_score(x, 0.0, w, m, c),
+        "add sigma^2 I": lambda x, s, w, m, c: _mixture_score(x, s ** 0.5, w, m, c),
+        "ignores the mixture weights": lambda x, s, w, m, c: _mixture_score(x, s, torch.ones_like(w), m, c),
+        "log-densities": _mixture_score_no_logspace,
+        "not filled in yet": _unfilled,
+        "raised ZeroDivisionError": lambda *a: 1 / 0,
+        "expected shape (8, 2)": lambda x, s, w, m, c: _mixture_score(x, s, w, m, c)[:, 0],
+    }
+    for hint, fn in wrong.items():
+        ok, out = _run(toy_checks.check_mixture_score, fn, capsys)
+        assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+
+
+def test_checks_module_stays_generic():
+    """mini_autoguide.checks must not pull in the toy or matplotlib."""
+    code = ("import sys; import mini_autoguide.checks; "
+            "bad = [m for m in ('toy2d', 'matplotlib') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
