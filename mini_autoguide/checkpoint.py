@@ -73,7 +73,10 @@ def read_model(path, kind=None):
 
 def save_state(path, state):
     """Training state (tensors, numbers, strings, lists, dicts) for exact resume."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: torch.save rejects paths of hidden files (".tmp-...")
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def load_state(path):

@@ -16,7 +16,7 @@ class UsageError(Exception):
 
 def _families():
     # each: (name, module path) with register(subparsers) inside
-    return [("toy", "mini_autoguide.cli_toy")]
+    return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image")]
 
 
 def build_parser():

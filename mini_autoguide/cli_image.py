@@ -1,0 +1,154 @@
+"""Command family for images: prep, train, sample, grid.
+
+    python -m mini_autoguide prep  SRC_TREE OUT(.zip)         # ImageNet-style tree -> 64x64 PNGs
+    python -m mini_autoguide train DATA --preset fmnist-main --out runs/main
+    python -m mini_autoguide sample runs/main/network-...safetensors --guide ... --method autoguidance
+    python -m mini_autoguide grid A.png B.png --titles a b --out side_by_side.png
+"""
+import argparse
+import os
+import sys
+import time
+
+from . import presets
+from .cli import UsageError
+
+
+def register(sub):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train an image denoiser (EDM2 U-Net)",
+                       description="Train an EDM2 U-Net denoiser. Resumes automatically from OUT/state.pt; "
+                                   "writes EMA snapshots OUT/network-<images>-ema<sigma_rel>.safetensors every "
+                                   "--snapshot-kimg (an early one can serve as the autoguidance guide). "
+                                   "Multi-GPU/multi-node: launch with torchrun. Unset options take the preset's value.")
+    p.add_argument("data", help="Fashion-MNIST IDX folder, prepared folder/ZIP with labels.json, or class-folder tree")
+    p.add_argument("--out", required=True, help="run folder (created; resumed if it holds state.pt)")
+    p.add_argument("--preset", default="fmnist-main", choices=presets.names(), help="network size and training defaults")
+    p.add_argument("--kimg", type=float, help="train until this many thousand images")
+    p.add_argument("--batch", type=int, help="global batch size (split across processes)")
+    p.add_argument("--lr", dest="lr_ref", type=float, help="alpha_ref of lr = alpha_ref / sqrt(max(t / t_ref, 1))")
+    p.add_argument("--lr-tref", dest="lr_tref", type=float, help="t_ref in batches: when the lr starts to decay")
+    p.add_argument("--rampup-kimg", type=float, help="linear lr warm-up over this many thousand images")
+    p.add_argument("--ema", type=float, nargs="+", help="power-function EMA widths sigma_rel to track")
+    p.add_argument("--snapshot-kimg", type=float, help="write EMA snapshots every this many thousand images")
+    p.add_argument("--checkpoint-kimg", type=float, help="write the resume state this often (default: snapshot)")
+    p.add_argument("--label-dropout", type=float, help="drop class labels with this probability (for CFG)")
+    p.add_argument("--uncond", action="store_true", help="ignore class labels: train an unconditional model")
+    p.add_argument("--xflip", action="store_true", help="random horizontal flips")
+    p.add_argument("--precision", choices=["bf16", "fp32", "fp16"], default="bf16",
+                   help="bf16 autocast (CPU/GPU), fp32, or fp16 with loss scaling (GPU)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (file datasets)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps of this session (checkpointed)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of this session (checkpointed)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="start over in an existing --out folder")
+    p.set_defaults(run=run_train)
+
+    p = sub.add_parser("sample", formatter_class=fmt, help="sample images, optionally guided",
+                       description="Sample with the EDM Heun sampler. Each seed has its own noise generator and "
+                                   "its class is classes[seed %% len(classes)], so methods compare on identical "
+                                   "noise. Writes OUT/<seed>.png, grid.png, samples.npz and info.json.")
+    p.add_argument("main", help="main model snapshot (.safetensors from train)")
+    p.add_argument("--guide", help="guide snapshot: a smaller/shorter-trained model (autoguidance) or an "
+                                   "unconditional one (cfg; default: the main model with no label)")
+    p.add_argument("--method", default="none", choices=["none", "cfg", "autoguidance"], help="guidance method")
+    p.add_argument("--weight", type=float, default=2.0, help="guidance weight w (1 = no guidance)")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for LO <= sigma <= HI")
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12")
+    p.add_argument("--classes", help="classes to cycle through, e.g. 3 or 0-9 (default: all)")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps (2 * steps - 1 evaluations)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="starting noise level")
+    p.add_argument("--sigma-min", type=float, default=0.002, help="last nonzero noise level")
+    p.add_argument("--batch", type=int, default=64, help="images per batch (results do not depend on it)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--columns", type=int, help="grid columns (default: number of classes, or square)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=run_sample)
+
+    p = sub.add_parser("prep", formatter_class=fmt, help="class-folder tree -> 64x64 PNGs + labels.json",
+                       description="ADM centre crop (box-downsample by 2 while the short side >= 2x the target, "
+                                   "bicubic resize, centre crop) of every image of an ImageNet-style tree "
+                                   "(one subfolder per class), into a folder or a .zip, with labels.json. "
+                                   "Parallel; a folder output resumes where it stopped.")
+    p.add_argument("src", help="source tree: SRC/<class>/<image>")
+    p.add_argument("out", help="output folder, or a path ending in .zip")
+    p.add_argument("--resolution", type=int, default=64, help="output size")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(run=run_prep)
+
+    p = sub.add_parser("grid", formatter_class=fmt, help="put images side by side with titles",
+                       description="Concatenate images (e.g. sample grids of several methods) left to right, "
+                                   "with a title above each.")
+    p.add_argument("images", nargs="+", help="PNG files")
+    p.add_argument("--titles", nargs="+", help="one title per image")
+    p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling factor")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(run=run_grid)
+
+
+def run_train(args):
+    from .train import TrainingDiverged, train
+    opts = {k: getattr(args, k) for k in ("kimg", "batch", "lr_ref", "lr_tref", "rampup_kimg", "ema", "snapshot_kimg",
+                                          "checkpoint_kimg", "label_dropout", "xflip", "precision", "channels_last",
+                                          "compile", "workers", "seed", "device", "max_steps", "max_minutes",
+                                          "progress")}
+    for key in ("kimg", "batch", "lr_ref", "snapshot_kimg", "checkpoint_kimg"):
+        if opts[key] is not None and opts[key] <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {opts[key]}")
+    if opts["label_dropout"] is not None and not 0 <= opts["label_dropout"] < 1:
+        raise UsageError(f"--label-dropout must be in [0, 1), got {opts['label_dropout']}")
+    try:
+        summary = train(args.data, args.out, args.preset, force=args.force, cond=not args.uncond,
+                        log=lambda m: print(m, file=sys.stderr), **opts)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {summary['steps']} steps, {summary['img_per_s']:.1f} img/s, loss {summary['loss']:.4f}, "
+          f"{summary['seconds']:.0f} s; snapshots in {args.out}", file=sys.stderr)
+
+
+def run_sample(args):
+    from .generate import generate, load_models, parse_seeds, save_outputs
+    seeds = parse_seeds(args.seeds)
+    classes = parse_seeds(args.classes) if args.classes else None
+    if args.batch < 1 or args.steps < 1:
+        raise UsageError("--batch and --steps must be at least 1")
+    outputs = [os.path.join(args.out, n) for n in ("grid.png", "samples.npz")]
+    if not args.force and any(os.path.exists(f) for f in outputs):
+        raise FileExistsError(f"{args.out} already holds samples: pass --force to overwrite")
+    main, guide = load_models(args.main, args.guide, args.method, args.device)
+    t0 = time.time()
+    images, labels, _ = generate(main, guide, args.method, args.weight, args.interval, seeds, classes, args.steps,
+                                 args.sigma_min, args.sigma_max, batch=args.batch, bf16=args.bf16,
+                                 device=args.device, progress=True)
+    seconds = time.time() - t0
+    info = dict(main=args.main, guide=args.guide, method=args.method, weight=args.weight, interval=args.interval,
+                seeds=args.seeds, classes=args.classes, steps=args.steps, bf16=args.bf16, seconds=seconds,
+                img_per_s=len(seeds) / seconds)
+    columns = args.columns or (len(classes) if classes else main.num_classes) or None
+    columns = min(columns, len(seeds)) if columns and columns <= 16 else None
+    save_outputs(args.out, images, labels, seeds, info, columns, args.force)
+    print(f"wrote {len(seeds)} samples to {args.out} ({seconds:.1f} s)", file=sys.stderr)
+
+
+def run_prep(args):
+    from .prep import prepare
+    prepare(args.src, args.out, args.resolution, args.workers, force=args.force)
+
+
+def run_grid(args):
+    from .generate import side_by_side
+    if args.titles and len(args.titles) != len(args.images):
+        raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
+    side_by_side(args.images, args.titles, args.out, args.scale)

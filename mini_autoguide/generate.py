@@ -1,0 +1,153 @@
+"""Sampling images: a main model, an optional guide, one of the guidance methods.
+
+Noise comes from one generator per seed (sampler.randn_from_seeds), and each
+seed's class is fixed by the seed, so a sample depends only on its seed, not
+on the batch it ran in: methods compare on identical noise. The denoising is
+the project's one sampler (sampler.heun_sample) around guidance.make.
+"""
+import os
+
+import numpy as np
+import torch
+
+from . import guidance
+from .checkpoint import write_json
+from .sampler import SeededNoise, heun_sample, randn_from_seeds, sigma_steps
+from .train import load_denoiser
+
+
+def parse_seeds(text):
+    """"0-63" -> [0..63]; "1,5,10-12" -> [1, 5, 10, 11, 12]."""
+    seeds = []
+    for part in str(text).split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"bad seed range {part.strip()!r}: use forms like 0-63 or 1,5,10-12") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bad seed range {part.strip()!r}: need 0 <= first <= last")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def check_compatible(main_cfg, guide_cfg, method):
+    """Refuse a guide that does not produce the same kind of image as the main model."""
+    for key, what in (("resolution", "resolution"), ("img_channels", "channels"), ("num_classes", "classes")):
+        if method == "cfg" and key == "num_classes":
+            continue  # CFG's guide may be an unconditional model
+        if main_cfg.get(key, 0) != guide_cfg.get(key, 0):
+            raise ValueError(f"the guide's {what} ({guide_cfg.get(key, 0)}) differs from the main model's "
+                             f"({main_cfg.get(key, 0)})")
+
+
+def load_models(main_path, guide_path=None, method="none", device="cpu"):
+    """(main, guide or None) Denoisers in eval mode, checked for compatibility."""
+    if method not in guidance.METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(guidance.METHODS)}")
+    main, main_cfg, _ = load_denoiser(main_path, device)
+    guide = None
+    if guide_path is not None:
+        guide, guide_cfg, _ = load_denoiser(guide_path, device)
+        check_compatible(main_cfg["net"], guide_cfg["net"], method)
+    if method == "autoguidance" and guide is None:
+        raise ValueError("autoguidance needs a guide model (--guide): a smaller or shorter-trained snapshot")
+    if method == "cfg" and guide is None and not main.num_classes:
+        raise ValueError("CFG needs a class-conditional main model (trained with label dropout) or --guide")
+    return main, guide
+
+
+def class_of(seeds, num_classes, classes=None):
+    """Each seed's class: classes[seed % len(classes)] (all classes by default). [N] ints or None."""
+    if not num_classes:
+        if classes:
+            raise ValueError("the model is unconditional: --classes does not apply")
+        return None
+    classes = list(range(num_classes)) if not classes else [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class {bad[0]} is outside 0..{num_classes - 1}")
+    return torch.tensor([classes[s % len(classes)] for s in seeds])
+
+
+@torch.no_grad()
+def generate(main, guide=None, method="none", weight=2.0, interval=None, seeds=range(16), classes=None,
+             steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, churn=0.0, batch=64, bf16=False,
+             device="cpu", progress=False):
+    """Sample one image per seed. Returns (uint8 images [N, H, W, C], labels [N] or None, float [N, C, H, W])."""
+    seeds = list(seeds)
+    device = torch.device(device)
+    labels = class_of(seeds, main.num_classes, classes)
+    if method == "cfg" and guide is None:
+        guide = main  # one network with label dropout serves as its own unconditional model
+    guide_kwargs = {"class_labels": None} if method == "cfg" else None
+    denoise = guidance.make(method, main, guide, weight, interval, guide_kwargs)
+    sigmas = sigma_steps(steps, sigma_min, sigma_max, rho)
+    shape = (main.img_channels, main.resolution, main.resolution)
+    out = []
+    for i in range(0, len(seeds), batch):
+        chunk = seeds[i:i + batch]
+        x = randn_from_seeds(chunk, shape, device=device) * float(sigmas[0])
+        kw = {} if labels is None else {"class_labels": labels[i:i + batch].to(device)}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = heun_sample(denoise, x, sigmas, churn=churn, noise=SeededNoise(chunk), progress=progress, **kw)
+        out.append(x.float().cpu())
+    x = torch.cat(out)
+    images = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return images, (None if labels is None else labels.numpy()), x
+
+
+def make_grid(images, columns):
+    """uint8 [N, H, W, C] -> one uint8 [rows * H, columns * W, C] image (row-major, black padding)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, columns)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
+    return grid
+
+
+def save_png(path, image):
+    """uint8 [H, W, C] with C = 1 or 3 -> PNG."""
+    from PIL import Image
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path)
+
+
+def save_outputs(out, images, labels, seeds, info, columns=None, force=False):
+    """Write out/SEED.png per sample, out/grid.png, out/samples.npz and out/info.json."""
+    files = [os.path.join(out, f"{s:06d}.png") for s in seeds] + [os.path.join(out, n) for n in
+                                                                    ("grid.png", "samples.npz", "info.json")]
+    existing = [f for f in files if os.path.exists(f)]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists: pass --force to overwrite")
+    os.makedirs(out, exist_ok=True)
+    for s, im in zip(seeds, images):
+        save_png(os.path.join(out, f"{s:06d}.png"), im)
+    save_png(os.path.join(out, "grid.png"), make_grid(images, columns or int(np.ceil(np.sqrt(len(images))))))
+    np.savez(os.path.join(out, "samples.npz"), images=images, seeds=np.asarray(seeds),
+             labels=np.asarray([] if labels is None else labels))
+    write_json(os.path.join(out, "info.json"), info)
+
+
+def side_by_side(paths, titles, out, scale=2):
+    """Images left to right (upscaled by `scale`, nearest), each with its title above. Writes out (PNG)."""
+    from PIL import Image, ImageDraw
+    from .checkpoint import atomic_write
+    ims = []
+    for p in paths:
+        try:
+            im = Image.open(p).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{p} is not a readable image: {e}") from None
+        ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    gap, head = 8, 20 if titles else 0
+    canvas = Image.new("RGB", (sum(i.width for i in ims) + gap * (len(ims) - 1), max(i.height for i in ims) + head),
+                       "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for k, im in enumerate(ims):
+        canvas.paste(im, (x, head))
+        if titles:
+            draw.text((x + 4, 4), titles[k], fill="black")
+        x += im.width + gap
+    atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))

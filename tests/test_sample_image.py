@@ -1,0 +1,141 @@
+"""Image sampling: per-seed determinism, batch-size invariance, guide cost, guide checks, CLI outputs."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mini_autoguide import cli, generate as gen
+from mini_autoguide.checkpoint import save_model
+from mini_autoguide.train import KIND
+
+from image_helpers import tiny_net
+
+
+def test_parse_seeds():
+    assert gen.parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
+    for bad in ("3-1", "a", "1-x", "-2"):
+        with pytest.raises(ValueError, match="seed range"):
+            gen.parse_seeds(bad)
+
+
+def test_sampling_is_batch_size_invariant_and_seeded():
+    main, guide = tiny_net(seed=0), tiny_net(seed=1)
+    kw = dict(method="autoguidance", weight=2.0, seeds=range(6), steps=4, sigma_max=20.0)
+    _, labels, whole = gen.generate(main, guide, batch=6, **kw)
+    _, labels2, split = gen.generate(main, guide, batch=4, **kw)   # batches of 4 + 2
+    assert np.array_equal(labels, labels2) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.allclose(whole, split, atol=1e-5)
+    _, _, one = gen.generate(main, guide, batch=1, **{**kw, "seeds": [4]})
+    assert torch.allclose(one[0], whole[4], atol=1e-5)               # seed 4 alone = seed 4 in a batch
+    _, _, other = gen.generate(main, guide, batch=6, **{**kw, "seeds": range(6, 12)})
+    assert not torch.allclose(other, whole)                           # other seeds, other images
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+        self.num_classes, self.img_channels, self.resolution = net.num_classes, net.img_channels, net.resolution
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method,interval,guide_calls", [("autoguidance", None, 7), ("cfg", None, 7),
+                                                         ("none", None, 0), ("autoguidance", (0.5, 5.0), None)])
+def test_guide_costs_at_most_one_evaluation_per_main_evaluation(method, interval, guide_calls):
+    main, guide = Counting(tiny_net(seed=0)), Counting(tiny_net(seed=1))
+    gen.generate(main, guide, method, 2.0, interval, seeds=range(3), steps=4, sigma_max=20.0, batch=3)
+    assert main.calls == 2 * 4 - 1
+    if guide_calls is None:  # with an interval the guide runs only inside it
+        assert 0 < guide.calls < main.calls
+    else:
+        assert guide.calls == guide_calls
+
+
+def test_weight_one_is_the_main_model_and_guidance_changes_images():
+    main, guide = tiny_net(seed=0), tiny_net(seed=1)
+    kw = dict(seeds=range(3), steps=4, sigma_max=20.0)
+    _, _, plain = gen.generate(main, None, "none", **kw)
+    _, _, w1 = gen.generate(main, guide, "autoguidance", 1.0, **kw)
+    _, _, w2 = gen.generate(main, guide, "autoguidance", 2.0, **kw)
+    assert torch.allclose(plain, w1, atol=1e-5) and not torch.allclose(plain, w2, atol=1e-3)
+
+
+def test_bf16_sampling_stays_close_to_fp32():
+    # Tolerance: 4 Heun steps through a bf16 network (relative precision 2^-8 per layer);
+    # the images (in [-1, 1] scale) must agree to 0.05 RMS.
+    main = tiny_net(seed=0)
+    _, _, ref = gen.generate(main, seeds=range(4), steps=4, sigma_max=20.0)
+    _, _, low = gen.generate(main, seeds=range(4), steps=4, sigma_max=20.0, bf16=True)
+    rms = (ref - low).square().mean().sqrt()
+    assert 0 < rms < 0.05, rms
+
+
+def save_net(path, net):
+    save_model(path, net, KIND, dict(net=net.config, preset="tiny"), dict(nimg=0))
+
+
+def test_incompatible_guides_are_refused(tmp_path):
+    save_net(tmp_path / "main.safetensors", tiny_net())
+    for name, override, what in (("res", dict(resolution=16), "resolution"), ("ch", dict(img_channels=3), "channels"),
+                                 ("cls", dict(num_classes=5), "classes")):
+        save_net(tmp_path / f"{name}.safetensors", tiny_net(**override))
+        with pytest.raises(ValueError, match=f"guide's {what}"):
+            gen.load_models(tmp_path / "main.safetensors", tmp_path / f"{name}.safetensors", "autoguidance")
+    # CFG may use an unconditional guide of the same image shape
+    save_net(tmp_path / "uncond.safetensors", tiny_net(num_classes=0))
+    gen.load_models(tmp_path / "main.safetensors", tmp_path / "uncond.safetensors", "cfg")
+    with pytest.raises(ValueError, match="needs a guide"):
+        gen.load_models(tmp_path / "main.safetensors", None, "autoguidance")
+
+
+def test_cli_sample_writes_pngs_grid_npz_and_refuses_to_overwrite(tmp_path, capsys):
+    save_net(tmp_path / "main.safetensors", tiny_net(seed=0))
+    save_net(tmp_path / "guide.safetensors", tiny_net(seed=1))
+    out = tmp_path / "s"
+    argv = ["sample", str(tmp_path / "main.safetensors"), "--guide", str(tmp_path / "guide.safetensors"),
+            "--method", "autoguidance", "--seeds", "0-5", "--steps", "3", "--sigma-max", "20", "--out", str(out)]
+    assert cli.main(argv) == 0
+    z = np.load(out / "samples.npz")
+    assert z["images"].shape == (6, 8, 8, 1) and z["seeds"].tolist() == list(range(6))
+    assert z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert os.path.exists(out / "000005.png") and os.path.exists(out / "grid.png")
+    from PIL import Image
+    assert Image.open(out / "grid.png").size == (3 * 8, 2 * 8)   # columns = classes
+    before = (out / "grid.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv + ["--seeds", "6-11"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--force" in err and err.count("\n") == 1
+    assert (out / "grid.png").read_bytes() == before
+    assert cli.main(argv + ["--force", "--classes", "2"]) == 0
+    assert np.load(out / "samples.npz")["labels"].tolist() == [2] * 6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "missing.safetensors", "--out", "x"], "checkpoint not found"),
+    (["sample", "MAIN", "--method", "autoguidance", "--out", "x"], "needs a guide"),
+    (["sample", "MAIN", "--classes", "7", "--out", "x"], "class 7 is outside"),
+    (["sample", "MAIN", "--seeds", "5-1", "--out", "x"], "bad seed range"),
+])
+def test_cli_sample_bad_input(tmp_path, capsys, argv, message):
+    save_net(tmp_path / "main.safetensors", tiny_net())
+    argv = [str(tmp_path / "main.safetensors") if a == "MAIN" else str(tmp_path / a) if a in ("x", "missing.safetensors")
+            else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_really_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    r = subprocess.run([sys.executable, "-m", "mini_autoguide", "sample", str(tmp_path / "junk.safetensors"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
