@@ -16,7 +16,8 @@ class UsageError(Exception):
 
 def _families():
     # each: (name, module path) with register(subparsers) inside
-    return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image")]
+    return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image"),
+            ("eval", "mini_autoguide.cli_eval")]
 
 
 def build_parser():

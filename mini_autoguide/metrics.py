@@ -78,7 +78,8 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     import scipy.linalg
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
-    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
+    # no disp=False: it is deprecated, and scipy returns a bare array (no tuple) for 1x1 input
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         eps = 1e-6 * np.eye(len(cov1))
         covmean = scipy.linalg.sqrtm((cov1 + eps) @ (cov2 + eps))

