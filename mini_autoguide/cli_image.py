@@ -36,8 +36,9 @@ def register(sub):
     p.add_argument("--label-dropout", type=float, help="drop class labels with this probability (for CFG)")
     p.add_argument("--uncond", action="store_true", help="ignore class labels: train an unconditional model")
     p.add_argument("--xflip", action="store_true", help="random horizontal flips")
-    p.add_argument("--precision", choices=["bf16", "fp32", "fp16"], default="bf16",
-                   help="bf16 autocast (CPU/GPU), fp32, or fp16 with loss scaling (GPU)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
+                   help="bf16 autocast, fp32, or fp16 with loss scaling (GPU); auto = bf16 where it is fast "
+                        "(GPU, CPU with AVX-512 BF16/AMX), else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (file datasets)")

@@ -29,7 +29,7 @@ T[guide]=$(echo "$(now) - $t" | bc)
 
 MAIN=$RUN/main/network-latest-ema0.05.safetensors
 GUIDE=$RUN/guide/network-latest-ema0.05.safetensors
-COMMON="--seeds $SEEDS --steps $STEPS --sigma-max 80 --bf16 --force"
+COMMON="--seeds $SEEDS --steps $STEPS --sigma-max 80 --force"  # add --bf16 on CPUs with AMX / AVX-512 BF16
 t=$(now); $PY -m mini_autoguide sample "$MAIN" --method none --out "$RUN/none" $COMMON; T[none]=$(echo "$(now) - $t" | bc)
 t=$(now); $PY -m mini_autoguide sample "$MAIN" --method cfg --weight 2 --out "$RUN/cfg" $COMMON; T[cfg]=$(echo "$(now) - $t" | bc)
 t=$(now); $PY -m mini_autoguide sample "$MAIN" --guide "$GUIDE" --method autoguidance --weight 2 \

@@ -146,3 +146,12 @@ def test_cli_train_refuses_a_foreign_folder_without_force(tmp_path, capsys):
     assert code == 2 and "--force" in err and (out / "precious.txt").read_text() == "keep me"
     code, err = run_cli(args + ["--force"], capsys)
     assert code == 0 and os.path.exists(out / "network-latest-ema0.05.safetensors")
+
+
+def test_auto_precision_picks_bf16_only_where_it_is_fast():
+    opts = train_mod.options("tiny")
+    assert opts["precision"] == "auto"
+    train_mod._check_precision(opts, torch.device("cpu"))
+    assert opts["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    with pytest.raises(ValueError, match="fp16 with loss scaling needs a GPU"):
+        train_mod._check_precision(dict(opts, precision="fp16"), torch.device("cpu"))
