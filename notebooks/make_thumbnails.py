@@ -41,7 +41,6 @@ def main():
     parser.add_argument("--width", type=int, default=320, help="thumbnail width in pixels (default 320)")
     args = parser.parse_args()
     os.environ["MINI_AUTOGUIDE_FAST"] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
     os.makedirs(OUT, exist_ok=True)
     for path in sorted(glob.glob(os.path.join(HERE, "[0-9]*.ipynb"))):
         nb = nbformat.read(path, as_version=4)
