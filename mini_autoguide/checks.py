@@ -215,8 +215,9 @@ def ema_profile(steps, sigma_rel):
 
 
 def relative_std(weights):
-    """The relative standard deviation of an EMA profile over training time t/T."""
+    """EDM2's sigma_rel of an EMA profile: its standard deviation over training
+    time measured in units of the run's length (t / T)."""
     w = torch.as_tensor(weights, dtype=torch.float64)
-    t = torch.arange(1, len(w) + 1, dtype=torch.float64) / len(w)
+    t = (torch.arange(1, len(w) + 1, dtype=torch.float64) - 0.5) / len(w)  # the middle of each step
     mean = (w * t).sum()
-    return math.sqrt(float((w * (t - mean) ** 2).sum())) / float(mean)
+    return math.sqrt(float((w * (t - mean) ** 2).sum()))

@@ -208,11 +208,11 @@ def test_check_ema_weights(capsys):
 
 def test_ema_profile_reference_is_the_closed_form_and_has_its_sigma_rel():
     """The checker's reference (PowerEMA fed one-hot parameters) equals the telescoped product,
-    and its relative std approaches sigma_rel for long runs."""
+    and its spread over training time is sigma_rel."""
     for steps, sigma_rel in ((10, 0.1), (300, 0.05)):
         ref = checks.ema_profile(steps, sigma_rel)
         assert torch.allclose(ref, _ema_weights(steps, sigma_rel_to_gamma(sigma_rel)), atol=1e-12)
-    assert abs(checks.relative_std(checks.ema_profile(2000, 0.05)) - 0.05) < 2e-3
+    assert abs(checks.relative_std(checks.ema_profile(2000, 0.05)) - 0.05) < 1e-4
 
 
 def _mixture_score(x, sigma, w, mu, cov):
