@@ -85,7 +85,10 @@ def train_models(settings, outdir=None, progress=False, log=print):
         config = replace(getattr(settings, name), seed=settings.seed * 10 + i)
         path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
         if path is not None and os.path.exists(path):
-            nets[name], _ = load_toy(path)
+            nets[name], saved = load_toy(path)
+            if saved != config:  # never let a model of other settings stand in silently
+                raise CheckpointError(f"{path} was trained with other settings than this run's "
+                                      f"(use --force or another --outdir)")
             log(f"loaded {name} from {path}")
             continue
         t0 = time.perf_counter()
