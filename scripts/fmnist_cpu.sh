@@ -6,7 +6,7 @@
 set -euo pipefail
 DATA=${1:-/usr/share/datasets/fashion-mnist}
 RUN=${2:-runs/fmnist}
-MAIN_MINUTES=${MAIN_MINUTES:-26}
+MAIN_MINUTES=${MAIN_MINUTES:-40}
 GUIDE_MINUTES=${GUIDE_MINUTES:-7}
 SEEDS=${SEEDS:-0-39}
 STEPS=${STEPS:-20}
