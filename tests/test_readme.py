@@ -20,7 +20,7 @@ def test_cli_reference_matches_help():
 
 def test_ci_runs_the_readme_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        ci = [line for line in f.read().splitlines() if line.startswith("pip install")]
+        ci = [line for line in f.read().splitlines() if line.endswith("python -m pytest")]
     assert len(ci) == 1 and ci[0] in readme()
 
 
