@@ -14,14 +14,16 @@ Results: benchmarks/results/image_cpu.json (or image_gpu.json) and a table.
 import argparse
 import json
 import os
+import sys
 import platform
 import statistics
 import time
 
 import torch
 
-from mini_autoguide import presets
-from mini_autoguide.unet import Denoiser, count_parameters
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mini_autoguide import presets  # noqa: E402
+from mini_autoguide.unet import Denoiser, count_parameters  # noqa: E402
 
 MODES = {  # name: (autocast dtype or None, channels_last)
     "fp32 (baseline)": (None, False),
