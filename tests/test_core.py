@@ -18,9 +18,11 @@ def test_preconditioning_closed_form():
     assert torch.allclose(c_out, sigma * sd / (sigma ** 2 + sd ** 2).sqrt())
     assert torch.allclose(c_in, 1 / (sigma ** 2 + sd ** 2).sqrt())
     assert torch.allclose(c_noise, sigma.log() / 4)
-    # unit variance of the network input and of the effective training target
+    # unit variance of the network input, and of the effective training target
+    # F = (y - c_skip x) / c_out for y ~ N(0, sd^2), x = y + sigma n
     assert torch.allclose(c_in ** 2 * (sd ** 2 + sigma ** 2), torch.ones(3, dtype=torch.float64))
-    assert torch.allclose(c_skip ** 2 * sd ** 2 * 0 + (c_out ** 2), sigma ** 2 * sd ** 2 / (sigma ** 2 + sd ** 2))
+    target_var = ((1 - c_skip) ** 2 * sd ** 2 + c_skip ** 2 * sigma ** 2) / c_out ** 2
+    assert torch.allclose(target_var, torch.ones(3, dtype=torch.float64))
 
 
 def test_sample_sigma_is_lognormal():
