@@ -1,6 +1,7 @@
 """Throughput of the image path: training and sampling images/s, fp32 vs bf16 + channels-last.
 
     python benchmarks/bench_image.py [--presets fmnist-main fmnist-guide] [--steps 8] [--repeats 3]
+    python benchmarks/bench_image.py --conv-profile     # convolution GFLOP and GFLOPS: the fp32 ceiling
 
 Every configuration runs in this one process, interleaved round by round (so a
 change in machine load hits all alike); we report medians over rounds and the
@@ -47,15 +48,20 @@ def make(preset, device, channels_last, batch, compile_=False):
     return net, model, opt, x, sigma, labels
 
 
+MAX_SECONDS = 20.0  # per timed round: a mode with no fast kernels here (bf16 without AVX-512 BF16) stops early
+
+
 def _timed(step, steps, device):
-    """Seconds per call of step(), averaged over `steps` calls (GPU work included)."""
+    """Seconds per call of step(), averaged over up to `steps` calls (GPU work included)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
-    for _ in range(steps):
+    done = 0
+    while done < steps and (done == 0 or time.perf_counter() - t < MAX_SECONDS):
         step()
+        done += 1
     sync()
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / done
 
 
 def train_steps(state, dtype, steps):
@@ -90,8 +96,8 @@ def bench(preset_names, modes, device, batch, steps, repeats, heun_steps, compil
     train_t = {k: [] for k in states}
     eval_t = {k: [] for k in states}
     for k, s in states.items():  # warm-up: kernel selection, allocator, compilation
-        train_steps(s, modes[k[1]][0], 2)
-        eval_steps(s, modes[k[1]][0], 2)
+        train_steps(s, modes[k[1]][0], 1)
+        eval_steps(s, modes[k[1]][0], 1)
     for r in range(repeats):
         for k, s in states.items():
             train_t[k].append(train_steps(s, modes[k[1]][0], steps))
@@ -120,6 +126,51 @@ def bench(preset_names, modes, device, batch, steps, repeats, heun_steps, compil
     return rows, guided
 
 
+def conv_profile(preset, batch, repeats=10):
+    """Convolution FLOPs of one forward pass and the rate oneDNN reaches on each layer shape.
+
+    Explains the CPU ceiling: training costs about 3x the forward's FLOPs, so
+    (3 x GFLOP) / (GFLOPS) bounds the batches per second of any fp32 implementation.
+    """
+    import torch.nn.functional as F
+    net = make(preset, torch.device("cpu"), False, batch)[0].eval()
+    shapes, conv2d = {}, F.conv2d
+
+    def counting(x, w, *args, **kwargs):
+        shapes[tuple(x.shape), tuple(w.shape)] = shapes.get((tuple(x.shape), tuple(w.shape)), 0) + 1
+        return conv2d(x, w, *args, **kwargs)
+    cfg = presets.net_config(preset)
+    x = torch.randn(batch, cfg["img_channels"], cfg["resolution"], cfg["resolution"])
+    labels = torch.zeros(batch, dtype=torch.long) if cfg["num_classes"] else None
+    F.conv2d = counting
+    try:
+        with torch.no_grad():
+            net(x, torch.ones(batch), labels)
+    finally:
+        F.conv2d = conv2d
+    total, seconds = 0.0, {False: 0.0, True: 0.0}
+    print(f"{preset}, batch {batch}: convolutions of one forward pass")
+    for (xs, ws), n in shapes.items():
+        flop = 2 * xs[0] * xs[2] * xs[3] * ws[0] * ws[1] * ws[2] * ws[3] * n
+        total += flop
+        rates = []
+        for cl in (False, True):
+            a = torch.randn(xs).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            w = torch.randn(ws)
+            conv2d(a, w, padding=ws[-1] // 2)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                conv2d(a, w, padding=ws[-1] // 2)
+            dt = (time.perf_counter() - t) / repeats
+            seconds[cl] += dt * n
+            rates.append(flop / n / dt / 1e9)
+        print(f"  x {str(xs):18s} w {str(ws):18s} x{n:<3d} {flop / 1e9:6.2f} GFLOP  "
+              f"NCHW {rates[0]:6.1f} GFLOPS  channels-last {rates[1]:6.1f} GFLOPS")
+    print(f"  total {total / 1e9:.1f} GFLOP; all convolutions alone: NCHW {seconds[False] * 1e3:.0f} ms, "
+          f"channels-last {seconds[True] * 1e3:.0f} ms a forward pass; a training step (~3x) cannot beat "
+          f"{batch / (3 * min(seconds.values())):.0f} img/s here")
+
+
 def table(rows, guided, heun_steps):
     lines = [f"| preset | params | mode | train img/s | x baseline | sample img/s ({heun_steps} Heun steps) | x baseline |",
              "|---|---|---|---|---|---|---|"]
@@ -139,7 +190,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="rounds (the median is reported)")
     ap.add_argument("--heun-steps", type=int, default=32)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--conv-profile", action="store_true",
+                    help="only print each preset's convolution FLOPs and GFLOPS per layer shape (the fp32 ceiling)")
     args = ap.parse_args()
+    if args.conv_profile:
+        for p in args.presets:
+            conv_profile(p, args.batch)
+        return
 
     rows, guided = bench(args.presets, MODES, "cpu", args.batch, args.steps, args.repeats, args.heun_steps)
     result = dict(device="cpu", threads=torch.get_num_threads(), cpu_count=os.cpu_count(),

@@ -87,7 +87,7 @@ def main(argv=None):
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": step("reference", lambda: reference(clf, ref_images, cache, args.data, "test",
                                                               progress=progress, log=log))}
-    sampler = dict(steps=cfg["steps"], batch=64)
+    sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
     runs = sweep_runs(models, cfg)
     points = step("sweep", lambda: sweep.run_sweep(runs, os.path.join(args.out, "sweep"),
                                                    list(range(cfg["sweep_samples"])), [clf], refs, sampler,

@@ -22,6 +22,10 @@ PRESETS = {
     # Fashion-MNIST 32x32 on a laptop CPU: main model and its smaller, shorter-trained guide.
     "fmnist-main": dict(net=dict(_FMNIST, channels=32), train=dict(_FMNIST_TRAIN, kimg=192)),
     "fmnist-guide": dict(net=dict(_FMNIST, channels=16), train=dict(_FMNIST_TRAIN, kimg=48, lr_tref=500)),
+    # The small-scale Table 1 (experiments/fmnist_table.py): an S main and an XS guide, sized so that
+    # eight rows of 5,000 samples, FID included, fit a session on 2 CPU cores (docs/eval.md).
+    "fmnist-s": dict(net=dict(_FMNIST, channels=16, channels_per_head=32), train=dict(_FMNIST_TRAIN, kimg=64, lr_tref=1000)),
+    "fmnist-xs": dict(net=dict(_FMNIST, channels=8, channels_per_head=16), train=dict(_FMNIST_TRAIN, kimg=64, lr_tref=1000)),
     # For tests: runs a training step in milliseconds.
     "tiny": dict(net=dict(resolution=8, img_channels=1, num_classes=3, channels=8, mult=[1, 2], num_blocks=1,
                           attn_resolutions=[4], channels_per_head=8, dropout=0.0),

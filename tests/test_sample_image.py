@@ -25,11 +25,21 @@ def test_sampling_is_batch_size_invariant_and_seeded():
     _, labels, whole = gen.generate(main, guide, batch=6, **kw)
     _, labels2, split = gen.generate(main, guide, batch=4, **kw)   # batches of 4 + 2
     assert np.array_equal(labels, labels2) and labels.tolist() == [0, 1, 2, 0, 1, 2]
-    assert torch.allclose(whole, split, atol=1e-5)
+    tol = 1e-5 * whole.abs().max()  # float rounding: convolution kernels are blocked by batch size
+    assert (whole - split).abs().max() <= tol
     _, _, one = gen.generate(main, guide, batch=1, **{**kw, "seeds": [4]})
-    assert torch.allclose(one[0], whole[4], atol=1e-5)               # seed 4 alone = seed 4 in a batch
+    assert (one[0] - whole[4]).abs().max() <= tol                     # seed 4 alone = seed 4 in a batch
     _, _, other = gen.generate(main, guide, batch=6, **{**kw, "seeds": range(6, 12)})
     assert not torch.allclose(other, whole)                           # other seeds, other images
+
+
+def test_channels_last_sampling_matches_nchw():
+    main, guide = tiny_net(seed=0), tiny_net(seed=1)
+    kw = dict(method="autoguidance", weight=2.0, seeds=range(4), steps=4, sigma_max=20.0)
+    _, _, nhwc = gen.generate(main, guide, channels_last=True, **kw)
+    _, _, nchw = gen.generate(main, guide, channels_last=False, **kw)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) or nhwc.shape[1] == 1
+    assert torch.allclose(nhwc, nchw, atol=1e-5) and nhwc.abs().max() > 0.1
 
 
 class Counting(torch.nn.Module):

@@ -43,6 +43,16 @@ def test_bf16_training_runs_and_learns(tmp_path):
     assert eval_loss(result["ema"].nets[0], ds) < 0.85 * eval_loss(untrained, ds)
 
 
+@pytest.mark.slow  # inductor builds C++ kernels first: about a minute on 2 cores
+def test_compiled_training_matches_eager(tmp_path):
+    ds = tiny_dataset()
+    opts = dict(FAST, kimg=0.032, ema=[0.1])  # 4 steps
+    eager = train_mod.train(ds, str(tmp_path / "eager"), "tiny", **opts)
+    compiled = train_mod.train(ds, str(tmp_path / "compiled"), "tiny", compile=True, **opts)
+    for (name, a), b in zip(eager["net"].state_dict().items(), compiled["net"].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     ds = tiny_dataset()
     opts = dict(FAST, kimg=0.096, ema=[0.05, 0.1], label_dropout=0.2, xflip=True)  # 12 steps
