@@ -64,13 +64,6 @@ def main(argv=None):
     if not os.path.isdir(args.data):
         sys.exit(f"error: Fashion-MNIST not found at {args.data} (apt-get install dataset-fashion-mnist)")
     t_start = time.time()
-    timings = {}
-
-    def step(name, fn):
-        t0 = time.time()
-        result = fn()
-        timings[name] = round(time.time() - t0, 1) + timings.get(name, 0)
-        return result
 
     progress = not args.quiet
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -79,32 +72,47 @@ def main(argv=None):
 
     clf_path = os.path.join(args.out, "classifier.safetensors")
     if not os.path.isfile(clf_path):
-        step("classifier", lambda: train_classifier(load_idx_folder(args.data, "train"), test, clf_path,
-                                                    log=log, progress=progress, **cfg["classifier"]))
+        train_classifier(load_idx_folder(args.data, "train"), test, clf_path, log=log, progress=progress,
+                         **cfg["classifier"])
     clf = ClassifierFeatures(clf_path)
-    models = step("train", lambda: train_models(args.data, args.out, cfg, progress, log))
+    models = train_models(args.data, args.out, cfg, progress, log)
 
     cache = os.path.join(args.out, "ref")
-    refs = {"classifier": step("reference", lambda: reference(clf, ref_images, cache, args.data, "test",
-                                                              progress=progress, log=log))}
+    refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
     runs = sweep_runs(models, cfg)
-    points = step("sweep", lambda: sweep.run_sweep(runs, os.path.join(args.out, "sweep"),
-                                                   list(range(cfg["sweep_samples"])), [clf], refs, sampler,
-                                                   progress=progress, log=log))
+    points = sweep.run_sweep(runs, os.path.join(args.out, "sweep"), list(range(cfg["sweep_samples"])), [clf],
+                             refs, sampler, progress=progress, log=log)
     chosen = sweep.best(points, "classifier_fd")
 
     spaces = [clf]
     if not args.no_fid:
         from mini_autoguide.fid import Inception
         spaces.append(Inception(args.inception))
-        refs["inception"] = step("reference", lambda: reference(spaces[1], ref_images, cache, args.data, "test",
-                                                                progress=progress, log=log))
+        refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
     seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
-    rows = step("final", lambda: [final_row(row, chosen[row["name"]], spaces, refs, seeds, sampler, args.out, log)
-                                  for row in ROWS])
-    timings["total_this_run"] = round(time.time() - t_start, 1)
+    rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, sampler, args.out, log) for row in ROWS]
+    timings = stage_seconds(args.out, clf_path, refs, points, rows)
+    timings["wall_this_run"] = round(time.time() - t_start, 1)
     write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
+
+
+def stage_seconds(out, clf_path, refs, points, rows):
+    """Compute time of each stage, from what each stage saved with its result, so the
+    total stays right however many runs (and sessions) the table took."""
+    with open(os.path.splitext(clf_path)[0] + ".json") as f:
+        clf_seconds = json.load(f).get("train_seconds")
+    train_seconds = 0.0
+    for done in glob.glob(os.path.join(out, "models", "*", "done.json")):
+        with open(done) as f:
+            train_seconds += json.load(f)["seconds"]
+    ref_seconds = [r.info.get("seconds") for r in refs.values()]
+    stages = dict(classifier=clf_seconds, train=round(train_seconds, 1),
+                  reference=None if None in ref_seconds else round(sum(ref_seconds), 1),
+                  sweep=round(sum(p["seconds"] for p in points), 1), final=round(sum(r["seconds"] for r in rows), 1))
+    stages["total"] = round(sum(v for v in stages.values() if v is not None), 1)
+    stages["unrecorded"] = [k for k, v in stages.items() if v is None]  # made by a version that did not time it
+    return stages
 
 
 # --- Models ------------------------------------------------------------------------------------
@@ -232,8 +240,13 @@ def markdown(rows, info):
                      f"{_fmt(r.get('inception_precision', r.get('classifier_precision')), 3)} | "
                      f"{_fmt(r.get('inception_recall', r.get('classifier_recall')), 3)} | "
                      f"{_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
+    t = info["timings_s"]
     lines += ["", "Precision/recall: k-NN (k = 3) in Inception space (classifier space where FID was skipped).",
-              "", target_check(rows), "", f"Command: `{info['command']}`"]
+              "", target_check(rows), "",
+              f"Compute ({info['threads']} threads, summed over every run that built a part): classifier "
+              f"{_fmt(t['classifier'], 0)} s, training {_fmt(t['train'], 0)} s, reference statistics "
+              f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s; "
+              f"total {t['total'] / 3600:.2f} h.", "", f"Command: `{info['command']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ Results: evaluate() returns {"n": N, "<space>_fd": ..., "<space>_precision":
 """
 import hashlib
 import json
+import time
 import os
 
 import numpy as np
@@ -80,7 +81,9 @@ def reference(space, images, cache_dir, dataset_name, split, k=K, progress=False
         except Exception as e:  # a damaged cache is recomputed, not trusted
             log(f"{path}: unreadable ({' '.join(str(e).split())[:80]}); recomputing")
     log(f"computing {space.name} reference statistics of {len(images):,} {split} images -> {path}")
+    t0 = time.time()
     ref = Reference.compute(space, images, info, k, progress)
+    ref.info["seconds"] = round(time.time() - t0, 1)  # kept with the cache: runs that reuse it can report it
     ref.save(path)
     return ref
 

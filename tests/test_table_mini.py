@@ -64,6 +64,13 @@ def test_mini_table_end_to_end_and_resume(tmp_path):
     t0 = time.time()
     again = _run(tmp_path, ["--no-fid"])
     assert again["rows"] == table["rows"]
+    # Stage times come from what each stage saved, so a resumed run (another session) reports
+    # the same compute as the run that did the work, not the seconds it spent skipping.
+    times = table["timings_s"]
+    assert times["unrecorded"] == [] and times["train"] > 0 and times["sweep"] > 0 and times["final"] > 0
+    assert times["total"] == pytest.approx(sum(times[k] for k in ("classifier", "train", "reference", "sweep", "final")))
+    assert {k: v for k, v in again["timings_s"].items() if k != "wall_this_run"} == \
+        {k: v for k, v in times.items() if k != "wall_this_run"}
     assert time.time() - t0 < max(30.0, first / 3)
 
 
