@@ -67,6 +67,8 @@ def register(sub):
     p.add_argument("--sigma-min", type=float, default=0.002, help="last nonzero noise level")
     p.add_argument("--batch", type=int, default=64, help="images per batch (results do not depend on it)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks: faster for thousands of samples, after a compilation of a minute or two")
     p.add_argument("--columns", type=int, help="grid columns (default: number of classes, or square)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", required=True, help="output folder")
@@ -130,7 +132,7 @@ def run_sample(args):
     t0 = time.time()
     images, labels, _ = generate(main, guide, args.method, args.weight, args.interval, seeds, classes, args.steps,
                                  args.sigma_min, args.sigma_max, batch=args.batch, bf16=args.bf16,
-                                 device=args.device, progress=True)
+                                 device=args.device, progress=True, compile=args.compile)
     seconds = time.time() - t0
     info = dict(main=args.main, guide=args.guide, method=args.method, weight=args.weight, interval=args.interval,
                 seeds=args.seeds, classes=args.classes, steps=args.steps, bf16=args.bf16, seconds=seconds,

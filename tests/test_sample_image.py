@@ -42,6 +42,16 @@ def test_channels_last_sampling_matches_nchw():
     assert torch.allclose(nhwc, nchw, atol=1e-5) and nhwc.abs().max() > 0.1
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: a minute or two on 2 cores
+def test_compiled_sampling_matches_eager_with_a_padded_last_batch():
+    main, guide = tiny_net(seed=0), tiny_net(seed=1)
+    kw = dict(method="autoguidance", weight=2.0, seeds=range(7), steps=3, sigma_max=20.0, batch=4)  # 4 + 3
+    _, labels, eager = gen.generate(main, guide, **kw)
+    _, labels_c, compiled = gen.generate(main, guide, compile=True, **kw)
+    assert compiled.shape == eager.shape and np.array_equal(labels, labels_c)
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
 class Counting(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
