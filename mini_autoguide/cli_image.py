@@ -40,7 +40,8 @@ def register(sub):
                    help="bf16 autocast, fp32, or fp16 with loss scaling (GPU); auto = bf16 where it is fast "
                         "(GPU, CPU with AVX-512 BF16/AMX), else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (GPU; refused on CPU, where its gradients are wrong: docs/image.md)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (file datasets)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
