@@ -37,7 +37,7 @@ INTERVAL = [0.28, 1.61]  # the paper's FID-optimal band for 32 steps (EDM2-XXL);
 CONFIGS = {
     "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, classifier=dict(epochs=3),
                  steps=12, batch=64, compile_final=True, sweep_samples=250, eval_samples=5000, ref_images=None,
-                 cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.5, 2.0, 2.5, 3.0, 4.0]),
+                 cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.25, 1.5, 2.0, 2.5, 3.0, 4.0]),
     "mini": dict(main="tiny", small="tiny", kimg=0.4, precision="fp32", classifier=dict(epochs=2, limit=2000, channels=[8, 16, 32]),
                  steps=6, sweep_samples=24, eval_samples=32, ref_images=200,
                  cfg_weights=[1.0, 2.0], ag_weights=[1.0, 2.0]),
