@@ -81,11 +81,53 @@ def reference(space, images, cache_dir, dataset_name, split, k=K, progress=False
         except Exception as e:  # a damaged cache is recomputed, not trusted
             log(f"{path}: unreadable ({' '.join(str(e).split())[:80]}); recomputing")
     log(f"computing {space.name} reference statistics of {len(images):,} {split} images -> {path}")
+    partial = f"{path}.{len(images)}-images.partial"
     t0 = time.time()
-    ref = Reference.compute(space, images, info, k, progress)
-    ref.info["seconds"] = round(time.time() - t0, 1)  # kept with the cache: runs that reuse it can report it
+    feats, seconds_before = _features_resumable(space, images, partial, progress, log)
+    mu, cov = metrics.gaussian_stats(feats)
+    feats32 = torch.as_tensor(feats, dtype=torch.float32)
+    ref = Reference(mu, cov, feats32, metrics.knn_radii(feats32, k), dict(info, k=k, n=len(feats)))
+    ref.info["seconds"] = round(seconds_before + time.time() - t0, 1)  # kept with the cache, for reports
     ref.save(path)
+    for f in (partial + ".npy", partial + ".json"):
+        if os.path.exists(f):
+            os.remove(f)
     return ref
+
+
+def _features_resumable(space, images, partial, progress, log, block=500):
+    """space(images) in blocks, keeping the finished blocks in PARTIAL.npy (+ .json: seconds spent),
+    so that an interrupted reference (Inception: 26 minutes for 10,000 images on 2 cores) resumes.
+    Returns (features [N, D], seconds spent before this call)."""
+    done, seconds = None, 0.0
+    if os.path.isfile(partial + ".npy") and os.path.isfile(partial + ".json"):
+        try:
+            done = np.load(partial + ".npy")  # allow_pickle is off: plain numbers only
+            with open(partial + ".json") as f:
+                seconds = json.load(f)["seconds"]
+            log(f"resuming: {len(done):,} of {len(images):,} images already in {partial}.npy")
+        except Exception:  # unreadable: start over
+            done, seconds = None, 0.0
+    t0 = time.time()
+    blocks = [] if done is None else [done]
+    start = 0 if done is None else len(done)
+    for i in range(start, len(images), block):
+        blocks.append(space(images[i:i + block], progress=progress))
+        if i + block < len(images):  # keep the progress (not needed after the last block)
+            so_far = np.concatenate(blocks)
+            atomic_write(partial + ".npy", lambda tmp: _save_npy(tmp, so_far))
+            atomic_write(partial + ".json", lambda tmp: _save_json(tmp, dict(seconds=seconds + time.time() - t0)))
+    return np.concatenate(blocks), seconds
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def _save_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def _diff(old, new):

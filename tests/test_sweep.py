@@ -114,3 +114,25 @@ def test_sweep_plot(tmp_path):
            for i, n in enumerate(["cfg", "autoguidance"]) for w in (1.0, 2.0, 3.0)]
     plots.plot_sweep(pts, [("classifier_fd", "FD")], str(tmp_path / "s.png"), title="t")
     assert os.path.getsize(tmp_path / "s.png") > 1000
+
+
+def test_reference_statistics_resume_after_interruption(tmp_path):
+    images, _ = _toy_images(23, seed=2)
+    weights = tmp_path / "pixels.bin"
+    weights.write_bytes(b"weights")
+
+    class Blocks(PixelSpace):
+        path = str(weights)
+
+    kw = dict(cache_dir=str(tmp_path / "ref"), dataset_name="toy", split="test", log=lambda *a: None)
+    space = Blocks(fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):  # stopped in the third block of 5 images
+        evaluate._features_resumable(space, images, str(tmp_path / "ref" / "p"), False, kw["log"], block=5)
+    assert np.load(tmp_path / "ref" / "p.npy").shape[0] == 10  # two blocks kept
+    resumed, _ = evaluate._features_resumable(Blocks(), images, str(tmp_path / "ref" / "p"), False, kw["log"], block=5)
+    assert np.array_equal(resumed, Blocks()(images))
+    # Through reference(): the cache is written, it records its compute time, no partial file is left.
+    ref = evaluate.reference(Blocks(), images, **{**kw, "cache_dir": str(tmp_path / "cache")})
+    assert ref.info["n"] == 23 and ref.info["seconds"] >= 0
+    files = os.listdir(tmp_path / "cache")
+    assert len(files) == 1 and files[0].startswith("ref-pixels-test-") and files[0].endswith(".safetensors")
