@@ -2,6 +2,7 @@
 
     python benchmarks/bench_image.py [--presets fmnist-main fmnist-guide] [--steps 8] [--repeats 3]
     python benchmarks/bench_image.py --conv-profile     # convolution GFLOP and GFLOPS: the fp32 ceiling
+    python benchmarks/bench_image.py --inception        # FID's Inception-v3: images/s, NCHW vs channels-last input
 
 Every configuration runs in this one process, interleaved round by round (so a
 change in machine load hits all alike); we report medians over rounds and the
@@ -171,6 +172,26 @@ def conv_profile(preset, batch, repeats=10):
           f"{batch / (3 * min(seconds.values())):.0f} img/s here")
 
 
+def inception_rate(images=100, repeats=3):
+    """Images/s of the FID feature network (32x32 grey inputs, resized to 299), NCHW vs NHWC input."""
+    import numpy as np
+    from mini_autoguide.fid import Inception
+    inception = Inception()
+    x = np.random.default_rng(0).integers(0, 256, (images, 1, 32, 32), dtype=np.uint8)
+    inception(x[:10])  # warm-up
+    with torch.inference_mode():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            batch = inception.preprocess(x[:50]).contiguous(memory_format=layout)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                inception.net(batch)
+                times.append(time.perf_counter() - t)
+            name = "channels-last" if layout == torch.channels_last else "NCHW"
+            print(f"inception, batch 50, {name} input: {50 / statistics.median(times):.1f} img/s "
+                  f"({torch.get_num_threads()} threads)")
+
+
 def table(rows, guided, heun_steps):
     lines = [f"| preset | params | mode | train img/s | x baseline | sample img/s ({heun_steps} Heun steps) | x baseline |",
              "|---|---|---|---|---|---|---|"]
@@ -192,7 +213,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--conv-profile", action="store_true",
                     help="only print each preset's convolution FLOPs and GFLOPS per layer shape (the fp32 ceiling)")
+    ap.add_argument("--inception", action="store_true", help="only measure the FID Inception network's images/s")
     args = ap.parse_args()
+    if args.inception:
+        inception_rate()
+        return
     if args.conv_profile:
         for p in args.presets:
             conv_profile(p, args.batch)

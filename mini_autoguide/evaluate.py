@@ -47,7 +47,10 @@ class Reference:
 
     @classmethod
     def compute(cls, space, images, info, k=K, progress=False):
-        feats = space(images, progress=progress)
+        return cls.from_features(space(images, progress=progress), info, k)
+
+    @classmethod
+    def from_features(cls, feats, info, k=K):
         mu, cov = metrics.gaussian_stats(feats)
         feats32 = torch.as_tensor(feats, dtype=torch.float32)
         return cls(mu, cov, feats32, metrics.knn_radii(feats32, k), dict(info, k=k, n=len(feats)))
@@ -84,9 +87,7 @@ def reference(space, images, cache_dir, dataset_name, split, k=K, progress=False
     partial = f"{path}.{len(images)}-images.partial"
     t0 = time.time()
     feats, seconds_before = _features_resumable(space, images, partial, progress, log)
-    mu, cov = metrics.gaussian_stats(feats)
-    feats32 = torch.as_tensor(feats, dtype=torch.float32)
-    ref = Reference(mu, cov, feats32, metrics.knn_radii(feats32, k), dict(info, k=k, n=len(feats)))
+    ref = Reference.from_features(feats, info, k)
     ref.info["seconds"] = round(seconds_before + time.time() - t0, 1)  # kept with the cache, for reports
     ref.save(path)
     for f in (partial + ".npy", partial + ".json"):
