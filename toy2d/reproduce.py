@@ -126,6 +126,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures."""
     t_start = time.perf_counter()
     nets, train_seconds = train_models(settings, outdir, progress, log)
+    t_sample = time.perf_counter()
     metrics = ToyMetrics("A", n_reference=settings.samples, seed=settings.seed + 12345)
     x0 = start_points(settings)
     results, samples = {}, {}
@@ -139,22 +140,26 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     for name, x in samples.items():
         results.setdefault(name, {}).update(metrics(x))
 
+    t_sweep = time.perf_counter()
     sweep = []
     for method, ws in settings.sweep.items():
         for w in ws:
             x = sample(denoiser(method, nets, w), x0, settings)
             sweep.append(dict(method=method, weight=w, **metrics(x)))
-    total = time.perf_counter() - t_start
+    seconds = dict(train=train_seconds, methods=t_sweep - t_sample, sweep=time.perf_counter() - t_sweep)
     report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
-                  seconds=dict(train=train_seconds, total=total), threshold_logp=metrics.threshold,
+                  seconds=seconds, threshold_logp=metrics.threshold,
                   torch=torch.__version__, threads=torch.get_num_threads())
     os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
     for name, x in samples.items():
         _save_npz(os.path.join(outdir, "samples", f"{name}.npz"), x)
-    write_json(os.path.join(outdir, "metrics.json"), report)
     if figures:
         from . import plots
+        t_fig = time.perf_counter()
         plots.all_figures(outdir, nets, samples, report, settings)
+        seconds["figures"] = time.perf_counter() - t_fig
+    seconds["total"] = total = time.perf_counter() - t_start
+    write_json(os.path.join(outdir, "metrics.json"), report)
     log(format_table(report))
     log(f"total {total:.1f}s; wrote {outdir}/metrics.json, samples/, figures")
     return report
