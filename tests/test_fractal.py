@@ -113,6 +113,10 @@ def test_float32_agrees_with_float64(float32_path, classes):
     assert (g.logp(x.float(), sigma.float()).double() - g.logp(x, sigma)).abs().max() < 1e-4
     assert (g.logp(x.float(), 0.3).double() - g.logp(x, 0.3)).abs().max() < 1e-4   # scalar sigma
     assert g.score(x[:0].float(), sigma[:0].float()).shape == (0, 2)
+    bad = x[:3].float().clone()
+    bad[1, 0] = float("nan")
+    out = g.score(bad, sigma[:3].float())
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
 
 
 def test_blocks_do_not_change_results():

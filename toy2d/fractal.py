@@ -181,7 +181,8 @@ class GMM:
         s = (s * s).expand(x.shape[0]) if s.ndim == 0 else (s * s).reshape(-1)
         if s.shape[0] != x.shape[0]:
             raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}]")
-        if x.dtype == torch.float32 and x.device.type == "cpu":
+        # the kernel assumes finite input (it is built with -ffast-math): NaN and inf take the torch code
+        if x.dtype == torch.float32 and x.device.type == "cpu" and torch.isfinite(x).all() and torch.isfinite(s).all():
             lib = kernel.load()
             if lib is not None:  # the fused C loop: same formulas, no [N, K] temporaries
                 return kernel.score(lib, self._coefficients(x.dtype, x.device), self.group, x, s, want_score)
