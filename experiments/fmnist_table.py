@@ -6,7 +6,7 @@ with the fast classifier metric, then measures each row at its best w with
 FID (Inception-v3), the classifier FD, precision/recall and class accuracy
 on fresh seeds. Re-running skips every finished step.
 
-    python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~2.5 h, 2 cores)
+    python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~5 h on 2 cores: resume it across sessions)
     python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
 
 Writes OUT/... (models, sweeps, samples; not committed) and the table to
