@@ -244,7 +244,8 @@ def markdown(rows, info):
     t = info["timings_s"]
     lines += ["", "Precision/recall: k-NN (k = 3) in Inception space (classifier space where FID was skipped).",
               "", target_check(rows), "",
-              f"Compute ({info['threads']} threads, summed over every run that built a part): classifier "
+              f"Wall-clock time of each part ({info['threads']} threads, summed over the runs that built it; an "
+              f"upper bound, as it includes any other work the machine did meanwhile): classifier "
               f"{_fmt(t['classifier'], 0)} s, training {_fmt(t['train'], 0)} s, reference statistics "
               f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s; "
               f"total {t['total'] / 3600:.2f} h.", "", f"Command: `{info['command']}`"]
