@@ -97,7 +97,7 @@ def score(lib, co, group, x, s, want_score=True):
         run(0, n)
     else:
         bounds = [n * i // threads for i in range(threads + 1)]
-        if "pool" not in _STATE or _STATE["pool"]._max_workers < threads:
-            _STATE["pool"] = ThreadPoolExecutor(threads)
+        if _STATE.get("pool_size", 0) < threads:
+            _STATE["pool"], _STATE["pool_size"] = ThreadPoolExecutor(threads), threads
         list(_STATE["pool"].map(run, bounds[:-1], bounds[1:]))
     return logp, out
