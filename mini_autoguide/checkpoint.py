@@ -16,6 +16,12 @@ class CheckpointError(Exception):
     """A checkpoint is missing, truncated or not one of ours."""
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path (never a half file)."""
     path = os.fspath(path)
@@ -25,6 +31,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

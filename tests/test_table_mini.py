@@ -53,6 +53,10 @@ def _check_table(tmp_path, table, fid):
     md = (tmp_path / "run" / "results" / "fmnist_table_mini.md").read_text()
     assert "| autoguidance |" in md and "Target (" in md
     assert os.path.getsize(tmp_path / "run" / "results" / "fmnist_sweep_mini.png") > 1000
+    sweep_md = (tmp_path / "run" / "results" / "fmnist_sweep_mini.md").read_text()
+    for name, r in rows.items():  # each row's chosen w is its bold cell
+        line = next(line for line in sweep_md.splitlines() if line.startswith(f"| {name} |"))
+        assert line.count("**") == 2 and f"**{r['weight']:g}: " in line
 
 
 def test_mini_table_end_to_end_and_resume(tmp_path):

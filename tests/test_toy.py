@@ -1,4 +1,7 @@
 """The toy network, its training, saving/loading, and the metrics."""
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +96,10 @@ def test_save_load_round_trip(tmp_path):
     assert cfg == config
     x = torch.randn(5, 2)
     assert torch.equal(loaded(x, 0.3), net(x, 0.3))
+    # written atomically, yet with the usual permissions (mkstemp alone gives 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
 
 
 def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
