@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mini_autoguide import sweep  # noqa: E402
-from mini_autoguide.checkpoint import write_json  # noqa: E402
+from mini_autoguide.checkpoint import atomic_write, write_json  # noqa: E402
 from mini_autoguide.classifier import ClassifierFeatures, train_classifier  # noqa: E402
 from mini_autoguide.data import load_idx_folder  # noqa: E402
 from mini_autoguide.evaluate import evaluate, reference, seed_text, to_nchw  # noqa: E402
@@ -195,17 +195,46 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, log):
         if saved.get("key") == key:
             return saved
     log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples")
+    # Two checkpoints, so that a row interrupted across sessions loses little: the samples
+    # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
+    samples = os.path.join(out, "final", f"{slug}.npz")
+    images = _cached_samples(samples, key)
+    if images is None:
+        t0 = time.time()
+        main, guide = load_models(point["main"], point["guide"], point["method"])
+        images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
+        sample_seconds = time.time() - t0
+        atomic_write(samples, lambda tmp: _save_npz(tmp, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
+                                                   key=np.array(json.dumps(key)), seconds=np.array(sample_seconds)))
+    else:
+        images, labels, sample_seconds = images
+        log(f"final: {row['name']}: samples from {samples}")
     t0 = time.time()
-    main, guide = load_models(point["main"], point["guide"], point["method"])
-    images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
-    metrics = evaluate(to_nchw(images), spaces, refs, labels)
+    metrics = evaluate(to_nchw(images), spaces, refs, labels, partial=samples[:-4] + ".features", log=log)
     result = dict(key=key, row=row["name"], paper=row["paper"], method=point["method"], weight=point["weight"],
                   main=os.path.relpath(point["main"], out), guide=point["guide"] and os.path.relpath(point["guide"], out),
-                  interval=point["interval"], seeds=seed_text(seeds), seconds=round(time.time() - t0, 1), **metrics)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez_compressed(os.path.join(out, "final", f"{slug}.npz"), images=images, seeds=np.asarray(seeds))
+                  interval=point["interval"], seeds=seed_text(seeds),
+                  seconds=round(sample_seconds + time.time() - t0, 1), **metrics)
     write_json(path, result)
     return result
+
+
+def _cached_samples(path, key):
+    """(images, labels, seconds) from a samples file made for `key`, or None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as f:  # allow_pickle is off: plain arrays only
+            if "key" not in f.files or json.loads(str(f["key"])) != key:
+                return None
+            return f["images"], f["labels"], float(f["seconds"])
+    except Exception:  # unreadable: sample again
+        return None
+
+
+def _save_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 # --- Output --------------------------------------------------------------------------------------

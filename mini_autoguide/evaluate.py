@@ -135,16 +135,22 @@ def _diff(old, new):
     return ", ".join(f"{key} {old.get(key)!r} != {value!r}" for key, value in new.items() if old.get(key) != value)
 
 
-def evaluate(images, spaces, refs, labels=None, precision_recall=True, progress=False):
+def evaluate(images, spaces, refs, labels=None, precision_recall=True, progress=False, partial=None, log=print):
     """Metrics of generated uint8 images [N, C, H, W] against refs[space.name] in each space.
 
     labels: the class each image was sampled for (classifier accuracy, if a
-    classifier space is given). Returns a flat dict of floats plus "n".
+    classifier space is given). partial: a path prefix; if given, features are
+    computed in blocks kept in PARTIAL.<space>.npy, so an interrupted
+    evaluation resumes (the files are removed at the end). Returns a flat
+    dict of floats plus "n".
     """
     out = {"n": int(len(images))}
     for space in spaces:
         ref = refs[space.name]
-        feats = space(images, progress=progress)
+        if partial is None:
+            feats = space(images, progress=progress)
+        else:
+            feats, _ = _features_resumable(space, images, f"{partial}.{space.name}", progress, log)
         mu, cov = metrics.gaussian_stats(feats)
         out[f"{space.name}_fd"] = metrics.frechet_distance(ref.mu, ref.cov, mu, cov)
         if precision_recall:
@@ -153,6 +159,10 @@ def evaluate(images, spaces, refs, labels=None, precision_recall=True, progress=
             out[f"{space.name}_precision"], out[f"{space.name}_recall"] = p, r
         if labels is not None and hasattr(space, "accuracy"):
             out[f"{space.name}_accuracy"] = space.accuracy(images, labels)
+    for space in spaces if partial is not None else []:
+        for f in (f"{partial}.{space.name}.npy", f"{partial}.{space.name}.json"):
+            if os.path.exists(f):
+                os.remove(f)
     return out
 
 
