@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mini_autoguide import sweep  # noqa: E402
-from mini_autoguide.checkpoint import atomic_write, write_json  # noqa: E402
+from mini_autoguide.checkpoint import write_json, write_npz  # noqa: E402
 from mini_autoguide.classifier import ClassifierFeatures, train_classifier  # noqa: E402
 from mini_autoguide.data import load_idx_folder  # noqa: E402
 from mini_autoguide.evaluate import evaluate, reference, seed_text, to_nchw  # noqa: E402
@@ -198,16 +198,16 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, log):
     # Two checkpoints, so that a row interrupted across sessions loses little: the samples
     # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
     samples = os.path.join(out, "final", f"{slug}.npz")
-    images = _cached_samples(samples, key)
-    if images is None:
+    cached = _cached_samples(samples, key)
+    if cached is None:
         t0 = time.time()
         main, guide = load_models(point["main"], point["guide"], point["method"])
         images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
         sample_seconds = time.time() - t0
-        atomic_write(samples, lambda tmp: _save_npz(tmp, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
-                                                   key=np.array(json.dumps(key)), seconds=np.array(sample_seconds)))
+        write_npz(samples, compressed=True, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
+                  key=np.array(json.dumps(key)), seconds=np.array(sample_seconds))
     else:
-        images, labels, sample_seconds = images
+        images, labels, sample_seconds = cached
         log(f"final: {row['name']}: samples from {samples}")
     t0 = time.time()
     metrics = evaluate(to_nchw(images), spaces, refs, labels, partial=samples[:-4] + ".features", log=log)
@@ -230,11 +230,6 @@ def _cached_samples(path, key):
             return f["images"], f["labels"], float(f["seconds"])
     except Exception:  # unreadable: sample again
         return None
-
-
-def _save_npz(path, **arrays):
-    with open(path, "wb") as f:
-        np.savez_compressed(f, **arrays)
 
 
 # --- Output --------------------------------------------------------------------------------------

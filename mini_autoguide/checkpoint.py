@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 
+import numpy as np
 import torch
 
 FORMAT = "mini_autoguide"
@@ -44,6 +45,14 @@ def write_json(path, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+    atomic_write(path, write)
+
+
+def write_npz(path, compressed=False, **arrays):
+    """Write numpy arrays as an .npz file, atomically (plain arrays: np.load needs no pickle)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
     atomic_write(path, write)
 
 

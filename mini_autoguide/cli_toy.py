@@ -119,7 +119,8 @@ def run_train(args):
 def run_sample(args):
     import numpy as np
     from mini_autoguide import guidance
-    from toy2d.reproduce import Settings, _save_npz, load_toy, sample, start_points
+    from mini_autoguide.checkpoint import write_npz
+    from toy2d.reproduce import Settings, load_toy, sample, start_points
     _check_device(args)
     if args.method not in guidance.METHODS:
         raise UsageError(f"unknown method {args.method!r}: choose one of {', '.join(guidance.METHODS)}")
@@ -139,7 +140,7 @@ def run_sample(args):
     settings = replace(Settings(seed=args.seed), samples=args.num, steps=args.steps)
     D = guidance.make(args.method, main, guide, args.weight, args.interval)
     x = sample(D, start_points(settings), settings, progress=not args.quiet)
-    _save_npz(args.out, x)
+    write_npz(args.out, x=np.asarray(x, dtype=np.float32))
     print(f"wrote {args.out}: {len(x)} samples, mean {np.round(x.mean(0).numpy(), 3)}")
 
 

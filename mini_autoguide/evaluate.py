@@ -14,14 +14,14 @@ Results: evaluate() returns {"n": N, "<space>_fd": ..., "<space>_precision":
 """
 import hashlib
 import json
-import time
 import os
+import time
 
 import numpy as np
 import torch
 
 from . import metrics
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_json
 
 K = 3  # k-NN precision/recall neighbourhood (Kynkaanniemi et al. 2019)
 
@@ -90,9 +90,7 @@ def reference(space, images, cache_dir, dataset_name, split, k=K, progress=False
     ref = Reference.from_features(feats, info, k)
     ref.info["seconds"] = round(seconds_before + time.time() - t0, 1)  # kept with the cache, for reports
     ref.save(path)
-    for f in (partial + ".npy", partial + ".json"):
-        if os.path.exists(f):
-            os.remove(f)
+    _remove_partial(partial)
     return ref
 
 
@@ -117,18 +115,19 @@ def _features_resumable(space, images, partial, progress, log, block=500):
         if i + block < len(images):  # keep the progress (not needed after the last block)
             so_far = np.concatenate(blocks)
             atomic_write(partial + ".npy", lambda tmp: _save_npy(tmp, so_far))
-            atomic_write(partial + ".json", lambda tmp: _save_json(tmp, dict(seconds=seconds + time.time() - t0)))
+            write_json(partial + ".json", dict(seconds=seconds + time.time() - t0))
     return np.concatenate(blocks), seconds
+
+
+def _remove_partial(partial):
+    for f in (partial + ".npy", partial + ".json"):
+        if os.path.exists(f):
+            os.remove(f)
 
 
 def _save_npy(path, array):
     with open(path, "wb") as f:
         np.save(f, array)
-
-
-def _save_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f)
 
 
 def _diff(old, new):
@@ -159,10 +158,9 @@ def evaluate(images, spaces, refs, labels=None, precision_recall=True, progress=
             out[f"{space.name}_precision"], out[f"{space.name}_recall"] = p, r
         if labels is not None and hasattr(space, "accuracy"):
             out[f"{space.name}_accuracy"] = space.accuracy(images, labels)
-    for space in spaces if partial is not None else []:
-        for f in (f"{partial}.{space.name}.npy", f"{partial}.{space.name}.json"):
-            if os.path.exists(f):
-                os.remove(f)
+    if partial is not None:  # done: the blocks are no longer needed
+        for space in spaces:
+            _remove_partial(f"{partial}.{space.name}")
     return out
 
 

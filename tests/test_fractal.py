@@ -87,11 +87,14 @@ def test_denoiser_is_x_plus_sigma2_score():
 def float32_path(request, monkeypatch):
     """float32 on the CPU runs the fused C kernel; the torch code is its fallback."""
     from toy2d import kernel
+    calls = []
     if request.param == "torch":
         monkeypatch.setenv("MINI_AUTOGUIDE_NO_KERNEL", "1")
     elif kernel.load() is None:
         pytest.skip("no C compiler: the kernel cannot be built here")
-    return request.param
+    real = kernel.score
+    monkeypatch.setattr(kernel, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return request.param, calls
 
 
 @pytest.mark.parametrize("classes", ["A", "AB", "ungrouped"])
@@ -113,6 +116,8 @@ def test_float32_agrees_with_float64(float32_path, classes):
     assert (g.logp(x.float(), sigma.float()).double() - g.logp(x, sigma)).abs().max() < 1e-4
     assert (g.logp(x.float(), 0.3).double() - g.logp(x, 0.3)).abs().max() < 1e-4   # scalar sigma
     assert g.score(x[:0].float(), sigma[:0].float()).shape == (0, 2)
+    path, calls = float32_path
+    assert (len(calls) > 0) == (path == "C kernel")  # the path under test is the one that ran
     bad = x[:3].float().clone()
     bad[1, 0] = float("nan")
     out = g.score(bad, sigma[:3].float())

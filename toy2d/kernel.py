@@ -2,7 +2,8 @@
 
 The torch code in fractal.py is the reference: exact in float64, any device.
 For float32 on the CPU, where the toy spends most of its training time, one C
-loop that never writes the [N, K] logits to memory is 3-5x faster. It is
+loop that never writes the [N, K] logits to memory is about 2.7x faster
+(benchmarks/bench_toy.py). It is
 compiled once with the system's C compiler into a cache folder (no code is
 ever downloaded or loaded from elsewhere). Where that is not possible, or
 MINI_AUTOGUIDE_NO_KERNEL=1 is set, `load()` returns None and fractal.py uses

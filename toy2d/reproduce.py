@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mini_autoguide import guidance
-from mini_autoguide.checkpoint import CheckpointError, read_model, save_model, write_json
+from mini_autoguide.checkpoint import CheckpointError, read_model, save_model, write_json, write_npz
 from mini_autoguide.sampler import heun_sample, sigma_steps
 
 from .fractal import gmm as make_gmm
@@ -152,7 +152,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
                   torch=torch.__version__, threads=torch.get_num_threads())
     os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
     for name, x in samples.items():
-        _save_npz(os.path.join(outdir, "samples", f"{name}.npz"), x)
+        write_npz(os.path.join(outdir, "samples", f"{name}.npz"), x=np.asarray(x, dtype=np.float32))
     if figures:
         from . import plots
         t_fig = time.perf_counter()
@@ -175,15 +175,6 @@ def format_table(report):
         rows.append(f"{name:<13}{w:>6}{r['mean_logp']:>12.3f}{r['outliers']:>10.3f}{r['branch_tv']:>11.3f}"
                     f"{r['precision']:>11.3f}{r['recall']:>8.3f}")
     return "\n".join(rows)
-
-
-def _save_npz(path, x):
-    from mini_autoguide.checkpoint import atomic_write
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, x=np.asarray(x, dtype=np.float32))
-    atomic_write(path, write)
 
 
 def _jsonable(settings):
