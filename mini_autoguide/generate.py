@@ -94,7 +94,7 @@ def generate(main, guide=None, method="none", weight=2.0, interval=None, seeds=r
     guide_kwargs = {"class_labels": None} if method == "cfg" else None
     nets = (main, guide)
     if compile:
-        nets = tuple(None if net is None else torch.compile(net) for net in nets)
+        nets = tuple(None if net is None else _sigma_as_tensor(torch.compile(net)) for net in nets)
     denoise = guidance.make(method, nets[0], nets[1], weight, interval, guide_kwargs)
     sigmas = sigma_steps(steps, sigma_min, sigma_max, rho)
     shape = (main.img_channels, main.resolution, main.resolution)
@@ -114,6 +114,17 @@ def generate(main, guide=None, method="none", weight=2.0, interval=None, seeds=r
     x = torch.cat(out)
     images = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return images, (None if labels is None else labels.numpy()), x
+
+
+def _sigma_as_tensor(net):
+    """Call a compiled denoiser with sigma as a tensor [N]. torch.compile treats a Python float as
+    a constant: every noise level would be a recompilation (about a minute each on 2 CPU cores),
+    and after 8 of them dynamo gives up and runs the rest eager. A tensor is an input instead,
+    so one graph serves every step."""
+    def denoise(x, sigma, **kwargs):
+        return net(x, torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0]),
+                   **kwargs)
+    return denoise
 
 
 def make_grid(images, columns):
