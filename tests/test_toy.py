@@ -80,6 +80,17 @@ def test_training_is_deterministic_per_seed():
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
+@pytest.mark.parametrize("loss", ["exact", "dsm"])
+def test_training_does_not_depend_on_how_targets_are_chunked(loss):
+    # the exact targets of several iterations come from one call; the random draws keep their order
+    config = ToyConfig(width=8, iterations=7, batch=256, seed=5, loss=loss)
+    one, losses_one = train(config, chunk=1)
+    three, losses_three = train(config, chunk=3)   # 3 + 3 + 1
+    assert losses_one == pytest.approx(losses_three, rel=1e-6, abs=1e-7)
+    for pa, pb in zip(one.parameters(), three.parameters()):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-6)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="unknown class"):
         ToyConfig(classes="Z").check()

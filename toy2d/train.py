@@ -53,11 +53,38 @@ def learning_rate(config, t):
     return config.lr / math.sqrt(max(t / config.lr_ref_iter, 1))
 
 
-def train(config, progress=False, callback=None):
+def batches(target, config, generator, chunk=16):
+    """Each iteration's training batch: (clean y, sigma, noisy x, exact score of x
+    or None for the DSM loss), shapes [B, 2], [B], [B, 2], [B, 2].
+
+    The random draws come in the order of one iteration at a time, but the
+    exact scores of `chunk` iterations are computed in one call: switching
+    between the C kernel's threads and torch's costs more than the per-point
+    work it saves to call it once per iteration (each point's score does not
+    depend on its neighbours, so the result is the same)."""
+    left = config.iterations
+    while left > 0:
+        drawn = []
+        for _ in range(min(chunk, left)):
+            y = target.sample(config.batch, generator=generator)
+            sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=generator)
+            drawn.append((y, sigma, y + sigma[:, None] * torch.randn(y.shape, generator=generator)))
+        left -= len(drawn)
+        if config.loss == "exact":
+            scores = target.score(torch.cat([x for _, _, x in drawn]), torch.cat([s for _, s, _ in drawn]))
+            scores = scores.split(config.batch)
+        else:
+            scores = [None] * len(drawn)
+        for (y, sigma, x), score in zip(drawn, scores):
+            yield y, sigma, x, score
+
+
+def train(config, progress=False, callback=None, chunk=16):
     """Train one toy model; return its EMA copy (eval mode) and the loss history.
 
     callback(t, ema_net), if given, is called after every iteration t (1-based),
-    e.g. to keep snapshots.
+    e.g. to keep snapshots. chunk: iterations whose exact targets are computed
+    together (see `batches`; the result does not depend on it).
     """
     config = config.check()
     torch.manual_seed(config.seed)
@@ -71,12 +98,9 @@ def train(config, progress=False, callback=None):
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
-    for t in range(1, config.iterations + 1):
-        y = target.sample(config.batch, generator=gen)
-        sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=gen)
-        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen)
+    for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk), start=1):
         if config.loss == "exact":
-            loss = exact_score_loss(net.score(x, sigma), target.score(x, sigma), sigma)
+            loss = exact_score_loss(net.score(x, sigma), score, sigma)
         else:
             loss = denoising_loss(net(x, sigma), y, sigma)
         if not torch.isfinite(loss):
