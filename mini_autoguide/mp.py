@@ -18,9 +18,12 @@ def normalize(x, dim=None, eps=1e-4):
     return x / norm.to(x.dtype)
 
 
+SILU_STD = 0.596  # std of silu(z) for z ~ N(0, 1)
+
+
 def mp_silu(x):
     """SiLU rescaled to unit variance for unit-normal input."""
-    return torch.nn.functional.silu(x) / 0.596
+    return torch.nn.functional.silu(x) / SILU_STD
 
 
 def mp_sum(a, b, t=0.5):

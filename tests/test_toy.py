@@ -26,9 +26,37 @@ def test_score_equals_autograd_reference_in_float64():
     h = 1e-6
     fd = torch.stack([(net.logp(x + h * e, sigma) - net.logp(x - h * e, sigma)) / (2 * h)
                       for e in torch.eye(2, dtype=torch.float64)], 1)
+    assert torch.allclose(net.score_autograd(x, sigma), fd, rtol=1e-6, atol=1e-6)
     assert torch.allclose(net.score(x, sigma), fd, rtol=1e-6, atol=1e-6)
     d = net(x, sigma)
     assert torch.allclose(d, x + sigma[:, None] ** 2 * net.score(x, sigma))
+
+
+@pytest.mark.parametrize("width,depth", [(16, 4), (8, 1), (8, 0)])
+def test_written_out_score_and_its_weight_gradients_equal_autograd_in_float64(width, depth):
+    torch.manual_seed(width + depth)
+    net = ToyMLP(width, depth).double().eval()   # eval: no in-place weight renormalisation between the calls
+    with torch.no_grad():
+        net.gain.fill_(0.7)
+    x = torch.randn(40, 2, dtype=torch.float64)
+    sigma = torch.exp(torch.randn(40, dtype=torch.float64))
+    target = torch.randn(40, 2, dtype=torch.float64)
+    grads = []
+    for score in (net.score_autograd(x, sigma, create_graph=True), net.score(x, sigma)):
+        net.zero_grad()
+        exact_score_loss(score, target, sigma).backward()  # autograd's double backward vs the written-out one
+        grads.append([p.grad.clone() for p in net.parameters()])
+        assert torch.allclose(score, net.score_autograd(x, sigma), rtol=1e-12, atol=1e-12)
+    for reference, written_out in zip(*grads):
+        assert reference.abs().max() > 0 and torch.allclose(written_out, reference, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(net.score(x, 0.3), net.score_autograd(x, 0.3), rtol=1e-12, atol=1e-12)  # scalar sigma
+
+
+def test_written_out_score_refuses_a_gradient_with_respect_to_x():
+    net = ToyMLP(8).double().eval()
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="score_autograd"):
+        net.score(x, 0.5).sum().backward()
 
 
 def test_untrained_model_is_the_gaussian_prior():
