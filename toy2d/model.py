@@ -117,8 +117,9 @@ class _Score(torch.autograd.Function):
         hb = []
         for l in range(L):
             s, h_l = torch.sigmoid(hs[l]), hs[l]
-            curvature = (s - s * s) * (2 + h_l * (1 - 2 * s))       # silu''(h)
-            hb.append(curvature * alphas[l] * bb)
+            # silu''(h) = s (1 - s) (2 + h (1 - 2 s)) = (s - s s)(h + 2 - 2 h s), in few passes
+            curvature = torch.addcmul(s, s, s, value=-1).mul_(torch.addcmul(h_l + 2, h_l, s, value=-2))
+            hb.append(curvature.mul_(alphas[l]).mul_(bb))           # silu''(h) a bb
             ab = _silu_slope_times(bb, h_l)
             bb = ab @ weights[l + 1].t()
             grads[l + 1] = bs[l + 1].t() @ ab
@@ -127,9 +128,9 @@ class _Score(torch.autograd.Function):
         gain_grad = (k[:, None] * h_last * bb).sum()
         # Reverse of the forward pass.
         for l in range(L, 0, -1):
-            grads[l] = grads[l] + hb[l].t() @ acts[l]
-            hb[l - 1] = hb[l - 1] + _silu_slope_times(hb[l] @ weights[l], hs[l - 1])
-        grads[0] = grads[0] + hb[0].t() @ acts[0]
+            grads[l] = torch.addmm(grads[l], hb[l].t(), acts[l])
+            hb[l - 1] += _silu_slope_times(hb[l] @ weights[l], hs[l - 1])
+        grads[0] = torch.addmm(grads[0], hb[0].t(), acts[0])
         return (None, None, gain_grad, None, *grads)
 
 
