@@ -10,6 +10,7 @@ The exact score is timed twice: the fused C kernel (float32 on the CPU, the
 default where a C compiler exists) and fractal.py's torch code (its fallback).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy2d  # noqa: E402
 from mini_autoguide.edm import exact_score_loss, sample_sigma  # noqa: E402
 from toy2d.model import ToyMLP  # noqa: E402
+from toy2d.train import ToyConfig, train  # noqa: E402
 
 
 def median_ms(fn, repeats=15, warmup=3):
@@ -47,6 +49,18 @@ def baseline_score(g, x, sigma):
     q = torch.einsum("nki,nkij,nkj->nk", d, prec, d)
     logp = torch.logsumexp(logw - 0.5 * q - 0.5 * torch.logdet(cov) - np.log(2 * np.pi), 1)
     return torch.autograd.grad(logp.sum(), x)[0]
+
+
+@contextlib.contextmanager
+def autograd_model_score(enabled):
+    """Within: ToyMLP.score is autograd of logp (the reference) instead of the written-out one."""
+    written = ToyMLP.score
+    if enabled:
+        ToyMLP.score = lambda self, x, sigma: self.score_autograd(x, sigma)
+    try:
+        yield
+    finally:
+        ToyMLP.score = written
 
 
 def main():
@@ -84,29 +98,37 @@ def main():
               f"max |sigma (s32 - s64)| = {r['max_err_sigma_times_score_vs_float64']:.1e}")
 
     # ---- one training iteration ----------------------------------------------
-    # Timed with the model's written-out score (the default) and, as baselines in the
-    # same process, with autograd's double backward and with the baseline exact score.
+    # train() itself, per iteration: sampling, exact targets (16 iterations a kernel
+    # call), the model's written-out score and its weight gradient, Adam, EMA.
+    # Baselines in the same process: train() with autograd's double backward for the
+    # model's score, and a step with the baseline exact score.
     for width in (64, 32):
+        config = ToyConfig(width=width, iterations=48, batch=n)
+        runs = {"ours": [], "autograd": []}
+        for r in range(5):
+            for name in ("ours", "autograd") if r % 2 else ("autograd", "ours"):
+                with autograd_model_score(name == "autograd"):
+                    t = time.perf_counter()
+                    train(config)
+                    runs[name].append((time.perf_counter() - t) / config.iterations * 1e3)
+        it, it_autograd = (float(np.median(runs[k])) for k in ("ours", "autograd"))
         net = ToyMLP(width).train()
         opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99))
 
-        def step(target_fn, model_fn):
+        def baseline_step():
             y = g.sample(n, generator=gen)
             s = sample_sigma(n, -2.3, 1.5, generator=gen)
             xx = y + s[:, None] * torch.randn(n, 2, generator=gen)
-            loss = exact_score_loss(model_fn(xx, s), target_fn(g, xx, s), s)
+            loss = exact_score_loss(net.score(xx, s), baseline_score(g, xx, s), s)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        exact = lambda g, a, b: g.score(a, b)  # noqa: E731
-        it = median_ms(lambda: step(exact, net.score))
-        it_autograd = median_ms(lambda: step(exact, net.score_autograd))
-        it_base = median_ms(lambda: step(baseline_score, net.score), repeats=5, warmup=1)
+        it_base = median_ms(baseline_step, repeats=5, warmup=1)
         res[f"train_iteration_width{width}"] = dict(batch=n, ms=it, autograd_model_score_ms=it_autograd,
                                                     baseline_target_ms=it_base, speedup=it_base / it)
         print(f"training iteration, width {width}, batch {n}: {it:.1f} ms (with autograd's double backward: "
-              f"{it_autograd:.1f} ms, {it_autograd / it:.2f}x; with the baseline exact score: {it_base:.0f} ms, "
-              f"{it_base / it:.1f}x)")
+              f"{it_autograd:.1f} ms, {it_autograd / it:.2f}x; a step with the baseline exact score: "
+              f"{it_base:.0f} ms, {it_base / it:.1f}x)")
 
     # ---- the whole reproduction ----------------------------------------------
     if args.full:
