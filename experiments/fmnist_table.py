@@ -57,6 +57,9 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--sweep-only", action="store_true",
                    help="stop after the sweeps: write their plot and table (the final rows are the long part)")
+    p.add_argument("--report", action="store_true",
+                   help="write the table of the final rows finished so far, marking the others pending; "
+                        "measures nothing new (for a run that spans sessions)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +100,8 @@ def main(argv=None):
         refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
     seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
     final_sampler = dict(sampler, compile=cfg.get("compile_final", False))  # 5,000 samples repay compilation
-    rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, log) for row in ROWS]
+    rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, log,
+                      compute=not args.report) for row in ROWS]
     timings = stage_seconds(args.out, clf_path, refs, points, rows)
     timings["wall_this_run"] = round(time.time() - t_start, 1)
     write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
@@ -115,7 +119,8 @@ def stage_seconds(out, clf_path, refs, points, rows):
     ref_seconds = [r.info.get("seconds") for r in refs.values()]
     stages = dict(classifier=clf_seconds, train=round(train_seconds, 1),
                   reference=None if None in ref_seconds else round(sum(ref_seconds), 1),
-                  sweep=round(sum(p["seconds"] for p in points), 1), final=round(sum(r["seconds"] for r in rows), 1))
+                  sweep=round(sum(p["seconds"] for p in points), 1),
+                  final=round(sum(r["seconds"] for r in rows if not r.get("pending")), 1))
     stages["total"] = round(sum(v for v in stages.values() if v is not None), 1)
     stages["unrecorded"] = [k for k, v in stages.items() if v is None]  # made by a version that did not time it
     return stages
@@ -183,8 +188,9 @@ def sweep_runs(models, cfg):
     return runs
 
 
-def final_row(row, point, spaces, refs, seeds, sampler, out, log):
-    """Measure one row at its chosen w on fresh seeds (cached in OUT/final/<row>.json)."""
+def final_row(row, point, spaces, refs, seeds, sampler, out, log, compute=True):
+    """Measure one row at its chosen w on fresh seeds (cached in OUT/final/<row>.json).
+    compute=False: the cached result, or a placeholder marked pending."""
     from mini_autoguide.generate import generate, load_models
     slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
     path = os.path.join(out, "final", f"{slug}.json")
@@ -194,6 +200,9 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, log):
             saved = json.load(f)
         if saved.get("key") == key:
             return saved
+    if not compute:
+        return dict(row=row["name"], paper=row["paper"], weight=point["weight"], pending=True,
+                    guide=point["guide"] and os.path.relpath(point["guide"], out))
     log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples")
     # Two checkpoints, so that a row interrupted across sessions loses little: the samples
     # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
@@ -262,7 +271,7 @@ def write_results(folder, suffix, rows, points, cfg, models, timings, args, ref_
     info = dict(config=cfg, reference=dict(split="test", images=int(len(ref_images))), timings_s=timings,
                 models={k: os.path.relpath(v, args.out) for k, v in models.items()},
                 command=" ".join(["python", "experiments/fmnist_table.py"] + sys.argv[1:]),
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), partial=any(r.get("pending") for r in rows))
     write_json(os.path.join(folder, f"fmnist_table{suffix}.json"), dict(info, rows=rows))
     with open(os.path.join(folder, f"fmnist_table{suffix}.md.tmp"), "w") as f:
         f.write(markdown(rows, info))
@@ -274,21 +283,37 @@ def _fmt(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _model_label(path):
+    """models/small/network-000008000-ema0.05.safetensors -> 'small, 8 kimg, EMA 0.05'."""
+    if not path:
+        return "-"
+    m = re.fullmatch(r"network-(\d+)-ema([\d.]+)\.safetensors", os.path.basename(path))
+    folder = os.path.basename(os.path.dirname(path))
+    return f"{folder}, {int(m.group(1)) / 1000:g} kimg, EMA {m.group(2)}" if m else os.path.basename(path)
+
+
 def markdown(rows, info):
     cfg = info["config"]
-    lines = [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {rows[0]['seeds']}) against "
+    done = [r for r in rows if not r.get("pending")]
+    lines = [] if len(done) == len(rows) else [
+        f"**Partial: {len(done)} of {len(rows)} rows finished** (`--report`; the run resumes the others).", ""]
+    lines += [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {done[0]['seeds'] if done else '-'}) against "
              f"{info['reference']['images']:,} test images; {cfg['steps']} Heun steps; w chosen by classifier FD "
              f"on {cfg['sweep_samples']:,} other samples.", "",
-             "| row | guide | w | FID | classifier FD | precision | recall | class acc. | paper analogue |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | guide | w | FID | Inception P / R | classifier FD | classifier P / R | class acc. | "
+             "paper analogue |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['row']} | {os.path.basename(r['guide'] or '-')} | {r['weight']:g} | "
-                     f"{_fmt(r.get('inception_fd'))} | {_fmt(r.get('classifier_fd'), 3)} | "
-                     f"{_fmt(r.get('inception_precision', r.get('classifier_precision')), 3)} | "
-                     f"{_fmt(r.get('inception_recall', r.get('classifier_recall')), 3)} | "
-                     f"{_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
+        if r.get("pending"):
+            lines.append(f"| {r['row']} | {_model_label(r['guide'])} | {r['weight']:g} | pending | | | | | "
+                         f"{r['paper']} |")
+            continue
+        pr = {space: f"{_fmt(r.get(f'{space}_precision'), 3)} / {_fmt(r.get(f'{space}_recall'), 3)}"
+              for space in ("inception", "classifier")}
+        lines.append(f"| {r['row']} | {_model_label(r['guide'])} | {r['weight']:g} | "
+                     f"{_fmt(r.get('inception_fd'))} | {pr['inception']} | {_fmt(r.get('classifier_fd'), 2)} | "
+                     f"{pr['classifier']} | {_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
     t = info["timings_s"]
-    lines += ["", "Precision/recall: k-NN (k = 3) in Inception space (classifier space where FID was skipped).",
+    lines += ["", "P / R: k-NN precision / recall (k = 3) in each feature space.",
               "", target_check(rows), "",
               f"Wall-clock time of each part ({info['threads']} threads, summed over the runs that built it; an "
               f"upper bound, as it includes any other work the machine did meanwhile): classifier "
@@ -299,17 +324,28 @@ def markdown(rows, info):
 
 
 def target_check(rows):
-    """The issue's stated target, checked on the numbers (FID if present, else classifier FD)."""
+    """The issue's stated targets, checked on the numbers of each feature space measured
+    (Inception: FID; the classifier: its FD). One paragraph per space."""
     by = {r["row"]: r for r in rows}
-    key = "inception_fd" if "inception_fd" in by["no guidance"] else "classifier_fd"
-    rec = "inception_recall" if key == "inception_fd" else "classifier_recall"
-    none, ag = by["no guidance"], by["autoguidance"]
-    best_cfg = min(by["CFG"][key], by["CFG + interval"][key])
-    drop = 1 - ag[key] / none[key]
-    return (f"Target ({key}): autoguidance {'lowers' if drop > 0 else 'raises'} it by {abs(drop):.0%} against no "
-            f"guidance (target: at least 30%: {'met' if drop >= 0.3 else 'not met'}); best CFG row {best_cfg:.3f} vs "
-            f"autoguidance {ag[key]:.3f} ({'beaten' if ag[key] < best_cfg else 'not beaten'}); recall "
-            f"{ag[rec]:.3f} vs unguided {none[rec]:.3f} (within 0.02: {'yes' if ag[rec] >= none[rec] - 0.02 else 'no'}).")
+    if any(by[name].get("pending") for name in ("no guidance", "autoguidance", "CFG", "CFG + interval")):
+        return "Targets: not checked until the no guidance, CFG and autoguidance rows are finished."
+    none, ag, cfg = by["no guidance"], by["autoguidance"], by["CFG"]
+    out = []
+    for space, metric in (("inception", "FID"), ("classifier", "classifier FD")):
+        fd, p, r = f"{space}_fd", f"{space}_precision", f"{space}_recall"
+        if fd not in none:
+            continue
+        drop = 1 - ag[fd] / none[fd]
+        best_cfg = min(cfg[fd], by["CFG + interval"][fd])
+        out.append(
+            f"Target ({metric}): autoguidance {'lowers' if drop > 0 else 'raises'} it by {abs(drop):.0%} against "
+            f"no guidance (target: at least 30%: {'met' if drop >= 0.3 else 'not met'}); best CFG row "
+            f"{best_cfg:.2f} vs autoguidance {ag[fd]:.2f} ({'beaten' if ag[fd] < best_cfg else 'not beaten'}); "
+            f"autoguidance's recall {ag[r]:.3f} vs unguided {none[r]:.3f} (within 0.02: "
+            f"{'yes' if ag[r] >= none[r] - 0.02 else 'no'}); CFG's precision {none[p]:.3f} -> {cfg[p]:.3f} "
+            f"({'raised' if cfg[p] > none[p] else 'not raised'}) and recall {none[r]:.3f} -> {cfg[r]:.3f} "
+            f"({'lowered' if cfg[r] < none[r] else 'not lowered'}).")
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,13 @@ def test_mini_table_end_to_end_and_resume(tmp_path):
         arrays = {k: f[k] for k in f.files}
     arrays["key"] = np.array(json.dumps(dict(json.loads(str(arrays["key"])), seeds="other")))
     np.savez_compressed(final / "no-guidance.npz", **arrays)
+    # --report writes the finished rows and marks the others pending, measuring nothing.
+    partial = _run(tmp_path, ["--no-fid", "--report"])
+    assert partial["partial"] and not (final / "cfg.json").exists()
+    assert [r["row"] for r in partial["rows"] if r.get("pending")] == ["no guidance", "CFG"]
+    assert [r for r in partial["rows"] if not r.get("pending")] == [r for r in table["rows"][2:]]
+    md = (tmp_path / "run" / "results" / "fmnist_table_mini.md").read_text()
+    assert "Partial: 6 of 8 rows finished" in md and "| CFG |" in md and "Targets: not checked" in md
     calls = []
     import mini_autoguide.generate as gen
     real = gen.generate
