@@ -315,7 +315,7 @@ def markdown(rows, info):
     t = info["timings_s"]
     lines += ["", "P / R: k-NN precision / recall (k = 3) in each feature space.",
               "", target_check(rows), "",
-              f"Wall-clock time of each part ({info['threads']} threads, summed over the runs that built it; an "
+              f"Wall-clock time of each part ({info['threads']} thread{'s' if info['threads'] != 1 else ''}, summed over the runs that built it; an "
               f"upper bound, as it includes any other work the machine did meanwhile): classifier "
               f"{_fmt(t['classifier'], 0)} s, training {_fmt(t['train'], 0)} s, reference statistics "
               f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s; "
