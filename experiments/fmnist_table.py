@@ -43,6 +43,7 @@ CONFIGS = {
                  cfg_weights=[1.0, 2.0], ag_weights=[1.0, 2.0]),
 }
 FRACTION = 8  # the guide's training length: T / 8, as the paper's ImageNet-64 recipe
+SNAPSHOT = re.compile(r"network-(\d+)-ema([\d.]+)\.safetensors")  # images seen, EMA length; not network-latest-*
 
 
 def main(argv=None):
@@ -150,12 +151,11 @@ def train_models(data, out, cfg, progress, log):
 
 
 def _snapshot(folder, which, ema):
-    numbered = re.compile(r"network-(\d+)-ema.*\.safetensors")  # not network-latest-*
     files = [f for f in glob.glob(os.path.join(folder, f"network-*-ema{ema:g}.safetensors"))
-             if numbered.fullmatch(os.path.basename(f))]
+             if SNAPSHOT.fullmatch(os.path.basename(f))]
     if not files:
         raise FileNotFoundError(f"no EMA {ema:g} snapshot in {folder}")
-    files.sort(key=lambda f: int(numbered.fullmatch(os.path.basename(f)).group(1)))
+    files.sort(key=lambda f: int(SNAPSHOT.fullmatch(os.path.basename(f)).group(1)))
     return files[0] if which == "first" else files[-1]
 
 
@@ -287,7 +287,7 @@ def _model_label(path):
     """models/small/network-000008000-ema0.05.safetensors -> 'small, 8 kimg, EMA 0.05'."""
     if not path:
         return "-"
-    m = re.fullmatch(r"network-(\d+)-ema([\d.]+)\.safetensors", os.path.basename(path))
+    m = SNAPSHOT.fullmatch(os.path.basename(path))
     folder = os.path.basename(os.path.dirname(path))
     return f"{folder}, {int(m.group(1)) / 1000:g} kimg, EMA {m.group(2)}" if m else os.path.basename(path)
 
@@ -297,7 +297,8 @@ def markdown(rows, info):
     done = [r for r in rows if not r.get("pending")]
     lines = [] if len(done) == len(rows) else [
         f"**Partial: {len(done)} of {len(rows)} rows finished** (`--report`; the run resumes the others).", ""]
-    lines += [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {done[0]['seeds'] if done else '-'}) against "
+    seeds = done[0]["seeds"] if done else "-"
+    lines += [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {seeds}) against "
              f"{info['reference']['images']:,} test images; {cfg['steps']} Heun steps; w chosen by classifier FD "
              f"on {cfg['sweep_samples']:,} other samples.", "",
              "| row | guide | w | FID | Inception P / R | classifier FD | classifier P / R | class acc. | "
@@ -312,10 +313,10 @@ def markdown(rows, info):
         lines.append(f"| {r['row']} | {_model_label(r['guide'])} | {r['weight']:g} | "
                      f"{_fmt(r.get('inception_fd'))} | {pr['inception']} | {_fmt(r.get('classifier_fd'), 2)} | "
                      f"{pr['classifier']} | {_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
-    t = info["timings_s"]
+    t, threads = info["timings_s"], f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
     lines += ["", "P / R: k-NN precision / recall (k = 3) in each feature space.",
               "", target_check(rows), "",
-              f"Wall-clock time of each part ({info['threads']} thread{'s' if info['threads'] != 1 else ''}, summed over the runs that built it; an "
+              f"Wall-clock time of each part ({threads}, summed over the runs that built it; an "
               f"upper bound, as it includes any other work the machine did meanwhile): classifier "
               f"{_fmt(t['classifier'], 0)} s, training {_fmt(t['train'], 0)} s, reference statistics "
               f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s; "
