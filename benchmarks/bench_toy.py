@@ -52,15 +52,19 @@ def baseline_score(g, x, sigma):
 
 
 @contextlib.contextmanager
-def autograd_model_score(enabled):
-    """Within: ToyMLP.score is autograd of logp (the reference) instead of the written-out one."""
-    written = ToyMLP.score
-    if enabled:
+def model_score(path):
+    """Within: ToyMLP.score runs as `path` says: "kernel" (the default: the C
+    kernel), "torch" (the same formulas in torch ops) or "autograd" (autograd's
+    double backward of logp, the reference)."""
+    written, load_mlp = ToyMLP.score, toy2d.kernel.load_mlp
+    if path != "kernel":
+        toy2d.kernel.load_mlp = lambda *args: None
+    if path == "autograd":
         ToyMLP.score = lambda self, x, sigma: self.score_autograd(x, sigma)
     try:
         yield
     finally:
-        ToyMLP.score = written
+        ToyMLP.score, toy2d.kernel.load_mlp = written, load_mlp
 
 
 def main():
@@ -99,19 +103,20 @@ def main():
 
     # ---- one training iteration ----------------------------------------------
     # train() itself, per iteration: sampling, exact targets (16 iterations a kernel
-    # call), the model's written-out score and its weight gradient, Adam, EMA.
-    # Baselines in the same process: train() with autograd's double backward for the
-    # model's score, and a step with the baseline exact score.
+    # call), the model's score and its weight gradient, Adam, EMA. The model's score
+    # three ways, interleaved: the C kernel (ours), the same formulas in torch ops,
+    # and autograd's double backward; and a step with the baseline exact score.
+    paths = ("kernel", "torch", "autograd")
     for width in (64, 32):
         config = ToyConfig(width=width, iterations=48, batch=n)
-        runs = {"ours": [], "autograd": []}
+        runs = {path: [] for path in paths}
         for r in range(5):
-            for name in ("ours", "autograd") if r % 2 else ("autograd", "ours"):
-                with autograd_model_score(name == "autograd"):
+            for path in paths[r % 3:] + paths[:r % 3]:
+                with model_score(path):
                     t = time.perf_counter()
                     train(config)
-                    runs[name].append((time.perf_counter() - t) / config.iterations * 1e3)
-        it, it_autograd = (float(np.median(runs[k])) for k in ("ours", "autograd"))
+                    runs[path].append((time.perf_counter() - t) / config.iterations * 1e3)
+        it, it_torch, it_autograd = (float(np.median(runs[k])) for k in paths)
         net = ToyMLP(width).train()
         opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99))
 
@@ -124,11 +129,12 @@ def main():
             loss.backward()
             opt.step()
         it_base = median_ms(baseline_step, repeats=5, warmup=1)
-        res[f"train_iteration_width{width}"] = dict(batch=n, ms=it, autograd_model_score_ms=it_autograd,
-                                                    baseline_target_ms=it_base, speedup=it_base / it)
-        print(f"training iteration, width {width}, batch {n}: {it:.1f} ms (with autograd's double backward: "
-              f"{it_autograd:.1f} ms, {it_autograd / it:.2f}x; a step with the baseline exact score: "
-              f"{it_base:.0f} ms, {it_base / it:.1f}x)")
+        res[f"train_iteration_width{width}"] = dict(
+            batch=n, ms=it, torch_model_score_ms=it_torch, autograd_model_score_ms=it_autograd,
+            baseline_target_ms=it_base, speedup=it_base / it)
+        print(f"training iteration, width {width}, batch {n}: {it:.1f} ms (the network in torch ops: "
+              f"{it_torch:.1f} ms, {it_torch / it:.2f}x; with autograd's double backward: {it_autograd:.1f} ms, "
+              f"{it_autograd / it:.2f}x; a step with the baseline exact score: {it_base:.0f} ms, {it_base / it:.1f}x)")
 
     # ---- the whole reproduction ----------------------------------------------
     if args.full:

@@ -22,15 +22,15 @@ def methods_table(report):
 
 
 def sweep_table(report):
-    methods = ("autoguidance", "cfg", "truncation")
-    out = ["| method | " + " | ".join(f"w={r['weight']:g}" for r in report["sweep"] if r["method"] == "autoguidance")
-           + " |"]
+    """One line per method: w: precision/recall/outliers, and the share of
+    diverged samples (inf or NaN, counted as outliers) where there are any."""
     out = []
-    for m in methods:
-        rows = [r for r in report["sweep"] if r["method"] == m]
-        cells = " ".join(f"{r['weight']:g}: {r['precision']:.2f}/{r['recall']:.2f}/{100 * r['outliers']:.0f}%;"
-                         for r in rows)
-        out.append(f"- **{NAMES[m]}** (w: precision/recall/outliers) {cells.rstrip(';')}")
+    for m in ("autoguidance", "cfg", "truncation"):
+        cells = []
+        for r in (r for r in report["sweep"] if r["method"] == m):
+            diverged = f" ({100 * r['diverged']:.2g}% diverged)" if r.get("diverged") else ""
+            cells.append(f"{r['weight']:g}: {r['precision']:.2f}/{r['recall']:.2f}/{100 * r['outliers']:.0f}%{diverged}")
+        out.append(f"- **{NAMES[m]}** (w: precision/recall/outliers) {'; '.join(cells)}")
     return "\n".join(out)
 
 

@@ -13,7 +13,8 @@ def normalize(x, dim=None, eps=1e-4):
     """Scale x so that its RMS over `dim` (all but dim 0 by default) is 1."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    # at least float32 (bf16 weights), float64 kept (exactness tests)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
@@ -70,7 +71,7 @@ class MPConv(torch.nn.Module):
     def effective_weight(self, gain=1, dtype=torch.float32):
         """The weight as used: rows at unit norm / sqrt(fan_in), times gain.
         While training, also re-normalises the stored weight in place."""
-        w = self.weight.to(torch.float32)
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if self.training:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))

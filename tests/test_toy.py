@@ -9,6 +9,7 @@ import torch
 import toy2d
 from mini_autoguide.checkpoint import CheckpointError
 from mini_autoguide.edm import exact_score_loss
+from toy2d import kernel
 from toy2d.metrics import ToyMetrics
 from toy2d.model import ToyMLP
 from toy2d.reproduce import load_toy, save_toy
@@ -32,15 +33,30 @@ def test_score_equals_autograd_reference_in_float64():
     assert torch.allclose(d, x + sigma[:, None] ** 2 * net.score(x, sigma))
 
 
-@pytest.mark.parametrize("width,depth", [(16, 4), (8, 1), (8, 0)])
-def test_written_out_score_and_its_weight_gradients_equal_autograd_in_float64(width, depth):
+@pytest.fixture(params=["C kernel", "torch"])
+def score_path(request, monkeypatch):
+    """The written-out score runs in C (mlp_kernel.c) where it can, else in torch:
+    test both. Returns a list that counts the kernel's calls."""
+    calls = []
+    if request.param == "torch":
+        monkeypatch.setattr(kernel, "load_mlp", lambda *args: None)
+    elif kernel.load_mlp(8, torch.float64) is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    else:
+        run = kernel.mlp_score
+        monkeypatch.setattr(kernel, "mlp_score", lambda *args: calls.append(1) or run(*args))
+    return request.param, calls
+
+
+@pytest.mark.parametrize("width,depth,n", [(16, 4, 40), (8, 1, 40), (8, 0, 40), (64, 2, 71)])
+def test_written_out_score_and_its_weight_gradients_equal_autograd_in_float64(score_path, width, depth, n):
     torch.manual_seed(width + depth)
     net = ToyMLP(width, depth).double().eval()   # eval: no in-place weight renormalisation between the calls
     with torch.no_grad():
         net.gain.fill_(0.7)
-    x = torch.randn(40, 2, dtype=torch.float64)
-    sigma = torch.exp(torch.randn(40, dtype=torch.float64))
-    target = torch.randn(40, 2, dtype=torch.float64)
+    x = torch.randn(n, 2, dtype=torch.float64)   # n = 71: two full tiles of 32 points and an odd rest
+    sigma = torch.exp(torch.randn(n, dtype=torch.float64))
+    target = torch.randn(n, 2, dtype=torch.float64)
     grads = []
     for score in (net.score_autograd(x, sigma, create_graph=True), net.score(x, sigma)):
         net.zero_grad()
@@ -50,6 +66,45 @@ def test_written_out_score_and_its_weight_gradients_equal_autograd_in_float64(wi
     for reference, written_out in zip(*grads):
         assert reference.abs().max() > 0 and torch.allclose(written_out, reference, rtol=1e-10, atol=1e-12)
     assert torch.allclose(net.score(x, 0.3), net.score_autograd(x, 0.3), rtol=1e-12, atol=1e-12)  # scalar sigma
+    assert (len(score_path[1]) > 0) == (score_path[0] == "C kernel")
+
+
+def test_kernel_agrees_with_torch_in_float32_across_threads(monkeypatch):
+    """Training's case: float32, width 64, points split over threads and tiles."""
+    if kernel.load_mlp(64, torch.float32) is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    torch.manual_seed(0)
+    net = ToyMLP(64).eval()
+    with torch.no_grad():
+        net.gain.fill_(0.5)
+    x, target = torch.randn(4101, 2), torch.randn(4101, 2)
+    sigma = torch.exp(torch.randn(4101) * 1.5 - 1.2)
+    results = []
+    for load in (kernel.load_mlp, lambda *args: None):
+        monkeypatch.setattr(kernel, "load_mlp", load)
+        with kernel.cores_to_kernels():
+            net.zero_grad()
+            score = net.score(x, sigma)
+            exact_score_loss(score, target, sigma).backward()
+        results.append([score.detach()] + [p.grad.clone() for p in net.parameters()])
+    for ours, reference in zip(*results):
+        assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+    # non-finite input takes the torch code (the kernel is built with -ffast-math)
+    monkeypatch.undo()
+    x[3] = float("nan")
+    with torch.no_grad():
+        score = net.score(x, sigma)
+    assert torch.isnan(score[3]).all() and torch.isfinite(score[4:]).all()
+
+
+def test_cores_to_kernels_lends_torch_threads_and_gives_them_back():
+    before = torch.get_num_threads()
+    with kernel.cores_to_kernels():
+        inside = torch.get_num_threads(), kernel.threads_to_use()
+    assert torch.get_num_threads() == before
+    assert inside == ((1, before) if kernel.load() is not None else (before, before))
+    with kernel.cores_to_kernels(enabled=False):
+        assert torch.get_num_threads() == before
 
 
 def test_written_out_score_refuses_a_gradient_with_respect_to_x():
@@ -182,3 +237,23 @@ def test_metrics_on_true_and_bad_samples():
     # class B samples are almost all outliers
     rb = m(toy2d.gmm("B").sample(2048, generator=gen))
     assert rb["outliers"] > 0.9 and rb["precision"] < 0.2
+    assert r["diverged"] == 0
+
+
+def test_metrics_count_diverged_samples_against_the_method():
+    """A sample thrown out of float range (inf, NaN) is an outlier, lies on no
+    branch and is imprecise; the others are measured as usual."""
+    m = ToyMetrics("A", n_reference=2048, n_threshold=50_000)
+    truth = m.gmm.sample(1000, generator=torch.Generator().manual_seed(6))
+    clean = m(truth)
+    broken = truth.clone()
+    broken[:50, 0] = float("inf")
+    broken[50:100, 1] = float("nan")
+    r, rest = m(broken), m(truth[100:])
+    assert r["diverged"] == 0.1 and r["n"] == 1000
+    assert r["outliers"] == pytest.approx(0.1 + 0.9 * rest["outliers"])
+    assert r["precision"] == pytest.approx(0.9 * rest["precision"])
+    assert r["branch_tv"] > clean["branch_tv"] + 0.04   # a tenth of the mass on no branch
+    assert r["mean_logp"] == rest["mean_logp"] and np.isfinite(r["mean_logp"])
+    with pytest.raises(ValueError, match="every sample diverged"):
+        m(torch.full((5, 2), float("nan")))

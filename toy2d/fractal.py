@@ -225,8 +225,9 @@ class GMM:
         """Draw n exact samples of p(x; sigma). Returns x: [n, 2]."""
         w = torch.as_tensor(self.weight, dtype=torch.float64)
         k = torch.multinomial(w, n, replacement=True, generator=generator)
-        cov = torch.as_tensor(self.cov, dtype=torch.float64)[k] + float(sigma) ** 2 * torch.eye(2, dtype=torch.float64)
-        chol = torch.linalg.cholesky(cov)                                   # [n, 2, 2]
+        # one factor per component (K of them, not n): the same numbers, gathered
+        cov = torch.as_tensor(self.cov, dtype=torch.float64) + float(sigma) ** 2 * torch.eye(2, dtype=torch.float64)
+        chol = torch.linalg.cholesky(cov)[k]                                # [n, 2, 2]
         eps = torch.randn(n, 2, 1, generator=generator, dtype=torch.float64)
         x = torch.as_tensor(self.mu, dtype=torch.float64)[k] + (chol @ eps)[..., 0]
         return x.to(dtype=dtype, device=device)

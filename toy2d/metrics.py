@@ -40,18 +40,27 @@ class ToyMetrics:
         return np.bincount(idx, minlength=len(self.branch_weight)) / max(len(x), 1)
 
     def __call__(self, x):
-        """All metrics of samples x: [N, 2] as a dict of floats."""
+        """All metrics of samples x: [N, 2] as a dict of floats.
+
+        A sample that diverged (inf or NaN: strong guidance of a weak model can
+        throw one out of float range) lies in no region, branch or k-NN ball:
+        it counts as an outlier, as mass on no branch and as imprecise, covers
+        nothing, and `diverged` gives its share; mean log p is over the rest."""
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
-        if not torch.isfinite(x).all():
-            raise ValueError("samples contain non-finite values")
+        finite = torch.isfinite(x).all(1)
+        n, kept = len(x), int(finite.sum())
+        x = x[finite]
+        if kept == 0:
+            raise ValueError("every sample diverged (inf or NaN)")
         logp = self.gmm.logp(x)
-        hist = self.branch_histogram(x)
+        hist = self.branch_histogram(x) * kept / n
         precision, recall = precision_recall(self.reference, x, self.k, self.reference_radii)
         return dict(
-            n=len(x),
+            n=n,
             mean_logp=float(logp.mean()),
-            outliers=float((logp < self.threshold).double().mean()),
-            branch_tv=float(0.5 * np.abs(hist - self.branch_weight).sum()),
-            precision=precision,
+            outliers=float(((logp < self.threshold).sum() + n - kept) / n),
+            branch_tv=float(0.5 * (np.abs(hist - self.branch_weight).sum() + (n - kept) / n)),
+            precision=precision * kept / n,
             recall=recall,
+            diverged=(n - kept) / n,
         )

@@ -17,6 +17,7 @@ from mini_autoguide import guidance
 from mini_autoguide.checkpoint import CheckpointError, read_model, save_model, write_json, write_npz
 from mini_autoguide.sampler import heun_sample, sigma_steps
 
+from . import kernel
 from .fractal import gmm as make_gmm
 from .metrics import ToyMetrics
 from .model import ToyMLP
@@ -117,7 +118,7 @@ def start_points(settings, n=None, seed=None):
 
 def sample(D, x, settings, record=False, progress=False):
     sigmas = sigma_steps(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho)
-    with torch.no_grad():
+    with torch.no_grad(), kernel.cores_to_kernels():  # the networks run in C (train.py says why)
         return heun_sample(D, x, sigmas, record=record, progress=progress)
 
 

@@ -13,6 +13,7 @@ import torch
 from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
 from mini_autoguide.ema import PowerEMA
 
+from . import kernel
 from .fractal import CLASSES, gmm as make_gmm
 from .model import ToyMLP
 
@@ -98,26 +99,28 @@ def train(config, progress=False, callback=None, chunk=16):
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
-    for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk), start=1):
-        if config.loss == "exact":
-            loss = exact_score_loss(net.score(x, sigma), score, sigma)
-        else:
-            loss = denoising_loss(net(x, sigma), y, sigma)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at iteration {t}")
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(config, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(net, t)
-        losses.append(loss.item())
-        if callback is not None:
-            callback(t, ema.nets[0])
-        if bar is not None:
-            bar.update(1)
-            if t % 64 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
+    # With the C kernels serving the network and the targets, torch's own ops are small.
+    with kernel.cores_to_kernels(kernel.load_mlp(config.width, torch.float32) is not None):
+        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk), start=1):
+            if config.loss == "exact":
+                loss = exact_score_loss(net.score(x, sigma), score, sigma)
+            else:
+                loss = denoising_loss(net(x, sigma), y, sigma)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at iteration {t}")
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(config, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(net, t)
+            losses.append(loss.item())
+            if callback is not None:
+                callback(t, ema.nets[0])
+            if bar is not None:
+                bar.update(1)
+                if t % 64 == 0:
+                    bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
     if bar is not None:
         bar.close()
     return ema.nets[0].eval(), losses
