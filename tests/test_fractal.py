@@ -177,3 +177,12 @@ def test_responsibilities_are_posteriors():
         torch.tensor(g.mu[k]), torch.tensor(g.cov[k]) + 0.05 ** 2 * torch.eye(2, dtype=torch.float64))
     expected = (comp.log_prob(x) + math.log(g.weight[k]) - g.logp(x, 0.05)).exp()
     assert torch.allclose(r[:, k], expected, atol=1e-10)
+
+
+def test_most_responsible_is_logp_and_the_posterior_argmax_in_one_pass():
+    g = toy2d.gmm("A")
+    x, _ = points(3000, seed=8)    # more than one block of points
+    logp, component = g.most_responsible(x, 0.05)
+    assert torch.equal(logp, g.logp(x, 0.05))
+    assert torch.equal(component, g.responsibilities(x, 0.05).argmax(1))
+    assert len(component.unique()) > 100   # the points spread over many components

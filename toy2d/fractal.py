@@ -121,8 +121,9 @@ class GMM:
         return self._coef[key]
 
     # ---- the core: log-density, responsibilities, score ----------------------
-    def _block(self, x, s, want_score, want_resp=False):
-        """x: [n, 2], s: [n] (= sigma^2). Returns (logp [n], score [n,2] or None).
+    def _block(self, x, s, want_score, want_resp=False, want_component=False):
+        """x: [n, 2], s: [n] (= sigma^2). Returns (logp [n], score [n,2] or None),
+        or (logp, responsibilities [n, K]), or (logp, most responsible component [n]).
 
         Components are laid out [g, B]: g components in each of B groups that
         share a covariance C_b. With u = x - center_b and v = mu - center_b
@@ -153,11 +154,16 @@ class GMM:
         logit.addcmul_((inv * s1).mul_(-0.5)[:, None], co["vv"])
         logit.add_(base[:, None])
         logit = logit.view(n, -1)
-        peak = logit.amax(1, keepdim=True)
+        if want_component:  # the most responsible component has the largest logit
+            peak, component = logit.max(1, keepdim=True)
+        else:
+            peak = logit.amax(1, keepdim=True)
         # exp is slow on inputs that underflow: clamp where e^-80 is negligible
         e = logit.sub_(peak).clamp_min_(-80.0).exp_()                       # [n, K]
         total = e.sum(1, keepdim=True)
         logp = (total.log() + peak).squeeze(1) - math.log(2 * math.pi)
+        if want_component:
+            return logp, component.squeeze(1)
         if want_resp:  # a copy: the buffer is reused by the next block
             return logp, e / total
         if not want_score:
@@ -220,6 +226,18 @@ class GMM:
         with torch.no_grad():
             return torch.cat([self._block(x[i:i + _CHUNK], s[i:i + _CHUNK], False, True)[1]
                               for i in range(0, x.shape[0], _CHUNK)])
+
+    def most_responsible(self, x, sigma=0.0):
+        """Exact log p(x; sigma) [N] and each point's most responsible component
+        [N] (int64), in one pass over the components: what the toy's metrics need."""
+        x = torch.as_tensor(x)
+        s = torch.full((x.shape[0],), float(sigma) ** 2, dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            blocks = [self._block(x[i:i + _CHUNK], s[i:i + _CHUNK], False, want_component=True)
+                      for i in range(0, x.shape[0], _CHUNK)]
+        if not blocks:
+            return x.new_zeros(0), torch.zeros(0, dtype=torch.long, device=x.device)
+        return torch.cat([lp for lp, _ in blocks]), torch.cat([c for _, c in blocks])
 
     def sample(self, n, sigma=0.0, generator=None, dtype=torch.float32, device="cpu"):
         """Draw n exact samples of p(x; sigma). Returns x: [n, 2]."""

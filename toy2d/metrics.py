@@ -31,13 +31,15 @@ class ToyMetrics:
         true = np.zeros(len(branches))
         np.add.at(true, [self.branch_ids[b] for b in self.gmm.branch], self.gmm.weight)
         self.branch_weight = true
+        self._branch_of = np.array([self.branch_ids[b] for b in self.gmm.branch])   # component -> branch
 
-    def branch_histogram(self, x):
-        """Share of samples per branch (by most responsible component). [branches]."""
-        x = torch.as_tensor(x, dtype=torch.float64)
-        comp = torch.cat([self.gmm.responsibilities(x[i:i + 4096]).argmax(1) for i in range(0, len(x), 4096)])
-        idx = np.array([self.branch_ids[b] for b in self.gmm.branch])[comp.numpy()]
-        return np.bincount(idx, minlength=len(self.branch_weight)) / max(len(x), 1)
+    def branch_histogram(self, x, component=None):
+        """Share of samples per branch (by most responsible component). [branches].
+        component: the samples' most responsible components, where already known."""
+        if component is None:
+            component = self.gmm.most_responsible(torch.as_tensor(x, dtype=torch.float64))[1]
+        idx = self._branch_of[component.numpy()]
+        return np.bincount(idx, minlength=len(self.branch_weight)) / max(len(component), 1)
 
     def __call__(self, x):
         """All metrics of samples x: [N, 2] as a dict of floats.
@@ -52,8 +54,8 @@ class ToyMetrics:
         x = x[finite]
         if kept == 0:
             raise ValueError("every sample diverged (inf or NaN)")
-        logp = self.gmm.logp(x)
-        hist = self.branch_histogram(x) * kept / n
+        logp, component = self.gmm.most_responsible(x)
+        hist = self.branch_histogram(x, component) * kept / n
         precision, recall = precision_recall(self.reference, x, self.k, self.reference_radii)
         return dict(
             n=n,
