@@ -29,14 +29,14 @@ typedef real vec __attribute__((vector_size(32), aligned(sizeof(real))));
 #define LANES ((int)(32 / sizeof(real)))
 #define NV (WIDTH / LANES)
 #define TILE 32
-#if WIDTH % (32 / 4) != 0 && WIDTH % (32 / 8) != 0
-#error "WIDTH must be a multiple of the vector length"
+#if WIDTH % 8 != 0
+#error "WIDTH must be a multiple of 8 (a whole number of vectors; kernel.py checks it)"
 #endif
 
 /* exp overflows float beyond 88; silu and its slopes are 0 to rounding below -80 anyway */
 static real sigmoid(real h) { return 1 / (1 + exp(h < -80 ? (real)80 : -h)); }
 
-/* The two products below work on blocks of BV vectors (32 reals) of two rows
+/* The two products below work on blocks of BV vectors (up to 4) of two rows
    at once: 2 BV accumulators stay in registers, and each vector loaded from
    memory feeds two multiply-adds (one per row). */
 #define BV (NV < 4 ? NV : 4)
