@@ -186,3 +186,5 @@ def test_most_responsible_is_logp_and_the_posterior_argmax_in_one_pass():
     assert torch.equal(logp, g.logp(x, 0.05))
     assert torch.equal(component, g.responsibilities(x, 0.05).argmax(1))
     assert len(component.unique()) > 100   # the points spread over many components
+    empty_logp, empty_component = g.most_responsible(torch.zeros(0, 2, dtype=torch.float64))
+    assert empty_logp.shape == empty_component.shape == (0,)

@@ -79,14 +79,19 @@ def test_kernel_agrees_with_torch_in_float32_across_threads(monkeypatch):
         net.gain.fill_(0.5)
     x, target = torch.randn(4101, 2), torch.randn(4101, 2)
     sigma = torch.exp(torch.randn(4101) * 1.5 - 1.2)
-    results = []
-    for load in (kernel.load_mlp, lambda *args: None):
-        monkeypatch.setattr(kernel, "load_mlp", load)
-        with kernel.cores_to_kernels():
-            net.zero_grad()
-            score = net.score(x, sigma)
-            exact_score_loss(score, target, sigma).backward()
-        results.append([score.detach()] + [p.grad.clone() for p in net.parameters()])
+    results, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)   # the kernel splits the points over 2 threads, whatever the machine
+    try:
+        for load in (kernel.load_mlp, lambda *args: None):
+            monkeypatch.setattr(kernel, "load_mlp", load)
+            with kernel.cores_to_kernels():
+                assert kernel.threads_to_use() == 2
+                net.zero_grad()
+                score = net.score(x, sigma)
+                exact_score_loss(score, target, sigma).backward()
+            results.append([score.detach()] + [p.grad.clone() for p in net.parameters()])
+    finally:
+        torch.set_num_threads(threads)
     for ours, reference in zip(*results):
         assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
     # non-finite input takes the torch code (the kernel is built with -ffast-math)

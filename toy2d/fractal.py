@@ -147,13 +147,13 @@ class GMM:
         buf = co.get("buf")
         if buf is None or buf.numel() < n * len(self):
             buf = co["buf"] = x.new_empty(n * len(self))
-        logit = buf[:n * len(self)].view(n, self.group, -1)                # [n, g, B]
+        logit = buf[:n * len(self)].view(n, self.group, len(self) // self.group)  # [n, g, B]
         torch.addcmul(co["logw"], (au0 * inv)[:, None], co["v0"], out=logit)
         logit.addcmul_((au1 * inv)[:, None], co["v1"])
         logit.addcmul_(inv.mul(-0.5)[:, None], co["vadj"])
         logit.addcmul_((inv * s1).mul_(-0.5)[:, None], co["vv"])
         logit.add_(base[:, None])
-        logit = logit.view(n, -1)
+        logit = logit.view(n, len(self))
         if want_component:  # the most responsible component has the largest logit
             peak, component = logit.max(1, keepdim=True)
         else:
@@ -221,23 +221,21 @@ class GMM:
 
     def responsibilities(self, x, sigma=0.0):
         """Posterior component probabilities. x: [N, 2] -> [N, K]."""
-        x = torch.as_tensor(x)
-        s = torch.full((x.shape[0],), float(sigma) ** 2, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            return torch.cat([self._block(x[i:i + _CHUNK], s[i:i + _CHUNK], False, True)[1]
-                              for i in range(0, x.shape[0], _CHUNK)])
+        return torch.cat([r for _, r in self._blocks(x, sigma, want_resp=True)])
 
     def most_responsible(self, x, sigma=0.0):
         """Exact log p(x; sigma) [N] and each point's most responsible component
         [N] (int64), in one pass over the components: what the toy's metrics need."""
+        blocks = self._blocks(x, sigma, want_component=True)
+        return torch.cat([lp for lp, _ in blocks]), torch.cat([c for _, c in blocks])
+
+    def _blocks(self, x, sigma, **want):
+        """_block over chunks of x at one scalar sigma: a list of its outputs."""
         x = torch.as_tensor(x)
         s = torch.full((x.shape[0],), float(sigma) ** 2, dtype=x.dtype, device=x.device)
         with torch.no_grad():
-            blocks = [self._block(x[i:i + _CHUNK], s[i:i + _CHUNK], False, want_component=True)
-                      for i in range(0, x.shape[0], _CHUNK)]
-        if not blocks:
-            return x.new_zeros(0), torch.zeros(0, dtype=torch.long, device=x.device)
-        return torch.cat([lp for lp, _ in blocks]), torch.cat([c for _, c in blocks])
+            return [self._block(x[i:i + _CHUNK], s[i:i + _CHUNK], False, **want)
+                    for i in range(0, max(x.shape[0], 1), _CHUNK)]
 
     def sample(self, n, sigma=0.0, generator=None, dtype=torch.float32, device="cpu"):
         """Draw n exact samples of p(x; sigma). Returns x: [n, 2]."""
