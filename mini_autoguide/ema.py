@@ -43,8 +43,7 @@ class PowerEMA:
     def update(self, net, step):
         for gamma, ema in zip(self.gammas, self.nets):
             beta = (1 - 1 / step) ** (gamma + 1) if step > 0 else 0.0
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
             for b_ema, b in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b)
 

@@ -77,16 +77,20 @@ def truncation(main, factor):
 
 
 def make(method, main, guide=None, weight=1.0, interval=None, guide_kwargs=None):
-    """One entry point for all methods: "none", "cfg", "autoguidance", "truncation"."""
+    """One entry point for all methods: "none", "cfg", "autoguidance", "truncation".
+    The arguments are checked either way; weight 1 returns main itself."""
     if method not in METHODS:
         raise ValueError(f"unknown guidance method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "none":
         return main
     if method == "truncation":
-        return truncation(main, weight)
-    if guide is None:
+        denoise = truncation(main, weight)
+    elif guide is None:
         raise ValueError(f"method {method!r} needs a guide model")
-    return guided(main, guide, weight, interval, guide_kwargs)
+    else:
+        denoise = guided(main, guide, weight, interval, guide_kwargs)
+    # w = 1 is the main model exactly: no guide evaluations, no rounding of the formula
+    return main if float(weight) == 1.0 else denoise
 
 
 def _inside(sigma, interval, x):

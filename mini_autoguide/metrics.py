@@ -41,7 +41,7 @@ def _covered(queries, points, radii):
         # queries whose candidates are all farther than the largest radius
         # are settled there, the rest go to the exact brute force below.
         from scipy.spatial import cKDTree
-        m = min(64, len(p))
+        m = min(16, len(p))  # enough to settle most queries; more costs more than the brute force saves
         d, idx = cKDTree(p.numpy()).query(q.numpy(), k=m)
         d, idx = torch.as_tensor(d, dtype=torch.float32).reshape(len(q), m), torch.as_tensor(idx).reshape(len(q), m)
         hit = (d <= radii[idx]).any(1)

@@ -71,15 +71,26 @@ class MPConv(torch.nn.Module):
     def effective_weight(self, gain=1, dtype=torch.float32):
         """The weight as used: rows at unit norm / sqrt(fan_in), times gain.
         While training, also re-normalises the stored weight in place."""
-        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
-        return w.to(dtype)
+        return effective_weights([self], gain, dtype)[0]
 
     def forward(self, x, gain=1):
         w = self.effective_weight(gain, x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+def effective_weights(layers, gain=1, dtype=torch.float32):
+    """MPConv.effective_weight of several layers of one shape, stacked:
+    [len(layers), out, in, ...]. The same numbers as one layer at a time, in a
+    few ops for all (for the toy MLP, whose small ops cost more than its math)."""
+    def stacked():   # one layer: a view, so that a channels-last weight stays channels-last
+        return layers[0].weight[None] if len(layers) == 1 else torch.stack([layer.weight for layer in layers])
+    real = torch.promote_types(layers[0].weight.dtype, torch.float32)
+    rows = list(range(2, layers[0].weight.ndim + 1))   # each layer's rows: all but its dim 0
+    if layers[0].training:   # first, so that what follows normalises the stored rows
+        with torch.no_grad():
+            for layer, normed in zip(layers, normalize(stacked().to(real), rows)):
+                layer.weight.copy_(normed)
+    w = normalize(stacked().to(real), rows) * (gain / math.sqrt(layers[0].weight[0].numel()))
+    return w.to(dtype)

@@ -48,6 +48,12 @@ def test_reproduce_fast_end_to_end(reproduced):
     for fig in ("samples.png", "guide.png", "sweep.png"):
         assert (out / fig).stat().st_size > 10_000
     assert "autoguidance" in r.stdout and "outliers" in r.stdout
+    # a (method, w) is sampled once; every method at w = 1 is the main model alone
+    for point in report["sweep"]:
+        same = "none" if point["weight"] == 1.0 else point["method"]
+        if point["weight"] == report["methods"][same]["weight"]:
+            assert all(point[k] == report["methods"][same][k] for k in ("mean_logp", "outliers", "recall"))
+    assert sum(p["weight"] == 1.0 for p in report["sweep"]) == 3
     # the true samples are the reference: few outliers, high precision and recall
     t = report["methods"]["truth"]
     assert t["outliers"] < 0.03 and t["precision"] > 0.9 and t["recall"] > 0.9

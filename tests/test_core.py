@@ -205,6 +205,19 @@ def test_unknown_method_and_missing_guide():
         guidance.make("autoguidance", lambda x, s: x, None, 2.0)
 
 
+def test_make_at_weight_one_is_the_main_model_itself():
+    a, ab, x = _pair()
+    main = a.denoise   # a bound method: a new object at each attribute access
+    for method in ("cfg", "autoguidance", "truncation"):
+        assert guidance.make(method, main, ab.denoise, 1.0) is main
+        assert guidance.make(method, main, ab.denoise, 1.5) is not main
+    # the arguments are still checked
+    with pytest.raises(ValueError, match="needs a guide"):
+        guidance.make("cfg", a.denoise, None, 1.0)
+    with pytest.raises(ValueError, match="interval"):
+        guidance.make("autoguidance", a.denoise, ab.denoise, 1.0, interval=(1.0, 0.5))
+
+
 def test_negative_and_large_weights_are_allowed():
     a, ab, x = _pair()
     for w in (-1.0, 0.5, 12.0):

@@ -13,7 +13,7 @@ from toy2d import kernel
 from toy2d.metrics import ToyMetrics
 from toy2d.model import ToyMLP
 from toy2d.reproduce import load_toy, save_toy
-from toy2d.train import ToyConfig, train
+from toy2d.train import ToyConfig, batches, train
 
 
 def test_score_equals_autograd_reference_in_float64():
@@ -177,6 +177,21 @@ def test_training_does_not_depend_on_how_targets_are_chunked(loss):
     assert losses_one == pytest.approx(losses_three, rel=1e-6, abs=1e-7)
     for pa, pb in zip(one.parameters(), three.parameters()):
         assert torch.allclose(pa, pb, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["exact", "dsm"])
+def test_batches_drawn_ahead_in_the_background_are_the_same(loss):
+    config = ToyConfig(width=8, iterations=5, batch=300, loss=loss)
+    target = toy2d.gmm("A")
+
+    def draw(ahead):
+        return list(batches(target, config, torch.Generator().manual_seed(1), chunk=2, ahead=ahead))
+    with kernel.cores_to_kernels():
+        ahead, inline = draw(True), draw(False)
+    assert len(ahead) == len(inline) == 5
+    for a, b in zip(ahead, inline):
+        assert all(torch.equal(p, q) if p is not None else q is None for p, q in zip(a, b))
+    assert (ahead[0][3] is None) == (loss == "dsm")
 
 
 def test_bad_config():

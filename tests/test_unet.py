@@ -1,11 +1,12 @@
 """The EDM2 U-Net: parameter counts, unit magnitudes at init, bf16 against fp32."""
+import copy
 import math
 
 import pytest
 import torch
 
 from mini_autoguide import presets
-from mini_autoguide.mp import MPConv
+from mini_autoguide.mp import MPConv, effective_weights
 from mini_autoguide.unet import Block, build, count_parameters
 
 from image_helpers import tiny_net
@@ -41,6 +42,24 @@ def test_mp_conv_keeps_unit_variance_at_init(kernel):
     layer.train()(x)
     rms = layer.weight.flatten(1).square().mean(1).sqrt()
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", [(), (3, 3)])
+def test_effective_weights_of_several_layers_equal_one_at_a_time(kernel):
+    torch.manual_seed(0)
+    one = [MPConv(6, 5, kernel).double() for _ in range(3)]
+    for layer in one:
+        layer.weight.data *= torch.rand(5, *[1] * (1 + len(kernel)), dtype=torch.float64) * 3  # unnormalised rows
+    many = copy.deepcopy(one)
+    a = torch.stack([layer.effective_weight(1.7, torch.float64) for layer in one])
+    b = effective_weights(many, 1.7, torch.float64)
+    assert torch.allclose(a, b, rtol=1e-14, atol=0)
+    probe = torch.randn_like(a)
+    (a * probe).sum().backward(), (b * probe).sum().backward()
+    for p, q in zip(one, many):   # the stored weights renormalised in place, and the same gradients
+        assert torch.allclose(p.weight, q.weight, rtol=1e-14, atol=0)
+        assert torch.allclose(p.weight.grad, q.weight.grad, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(one[0].weight.grad, torch.zeros_like(one[0].weight))
 
 
 @pytest.mark.parametrize("flavor,cin,cout,attention", [("enc", 32, 64, False), ("dec", 96, 64, True),

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -32,6 +33,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "score_kernel.
 # infinity to care for (logits are clamped before exp).
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
 _STATE = {}
+_LOCAL = threading.local()
 
 
 def _cache_dir():
@@ -95,8 +97,10 @@ def score(lib, co, group, x, s, want_score=True):
     n = x.shape[0]
     logp = torch.empty(n, dtype=torch.float32)
     out = torch.empty(n, 2, dtype=torch.float32) if want_score else None
-    arrays = [co[k].contiguous() for k in ("abc", "center", "v0", "v1", "vadj", "vv", "logw")]
-    blocks = co["v0"].shape[1]
+    if "kernel" not in co:
+        co["kernel"] = _padded(co)
+    arrays = co["kernel"]
+    blocks = arrays[2].shape[1]
 
     def run(_, lo, hi):
         if hi > lo:
@@ -108,9 +112,44 @@ def score(lib, co, group, x, s, want_score=True):
     return logp, out
 
 
+def _padded(co):
+    """The coefficients with the number of groups padded to a multiple of 8,
+    so that the kernel's loops run in whole vectors. A padding group has a
+    harmless covariance (identity) and log-weight -1e30: its logits sit far
+    below the clamp at -80, and e^-80 is nothing next to the peak's e^0."""
+    blocks = co["v0"].shape[1]
+    extra = -blocks % 8
+
+    def pad(t, fill):   # [..., blocks] -> [..., blocks + extra]
+        return torch.cat([t, t.new_full((*t.shape[:-1], extra), fill)], -1).contiguous()
+    abc = torch.cat([co["abc"], torch.tensor([[1.0], [0.0], [1.0]], dtype=co["abc"].dtype).expand(3, extra)], 1)
+    center = pad(co["center"].t(), 0.0).t()
+    return [abc.contiguous(), center.contiguous()] + [pad(co[k], 0.0) for k in ("v0", "v1", "vadj", "vv")] + \
+        [pad(co["logw"], -1e30)]
+
+
 def threads_to_use():
-    """The kernels' threads: torch's, or what `cores_to_kernels` lent them."""
-    return max(1, _STATE.get("threads") or torch.get_num_threads())
+    """The kernels' threads: torch's, what `cores_to_kernels` lent them, or 1
+    in a thread that called `one_thread`."""
+    return max(1, getattr(_LOCAL, "threads", None) or _STATE.get("threads") or torch.get_num_threads())
+
+
+def one_thread():
+    """From now on, in the calling thread only, the kernels run on that thread
+    alone (for a thread that works beside others, such as train.py's batches)."""
+    _LOCAL.threads = 1
+
+
+def idle_thread():
+    """Initializer of a ThreadPoolExecutor for work done beside the main work
+    (train.py's next batches, reproduce.py's metrics): its kernels run on the
+    thread alone, and it runs only where a core would otherwise idle (Linux's
+    SCHED_IDLE; elsewhere at normal priority)."""
+    one_thread()
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
 
 
 @contextlib.contextmanager

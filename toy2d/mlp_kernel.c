@@ -14,7 +14,6 @@
    mlp_backward takes e = dLoss/ds and adds dLoss/dW_l and dLoss/dgain to its
    accumulators, running both passes in reverse as _Score.backward does. */
 #include <stdlib.h>
-#include <string.h>
 #include <tgmath.h>   /* exp, log, sqrt of the type REAL */
 
 #ifndef WIDTH
@@ -129,33 +128,33 @@ void mlp_forward(int lo, int hi, int n, int L, const real *x, const real *sigma,
     real *h = buf, *s = h + (L + 1) * T, *act = s + L * T, *a = act + T, *c_in = a + T, *u = c_in + TILE;
     for (int r0 = lo; r0 < hi; r0 += TILE) {
         const int R = hi - r0 < TILE ? hi - r0 : TILE;
+        /* h_l of this tile: written straight into hs when training needs it */
+#define H(l) (hs ? hs + ((size_t)(l) * n + r0) * WIDTH : h + (size_t)(l) * T)
         inputs(R, x + 2 * r0, sigma + r0, sigma_data, c_in, u);
         /* forward pass */
-        rows_times(R, 4, u, wt, h);
+        rows_times(R, 4, u, wt, H(0));
         for (int l = 1; l <= L; l++) {
-            const real *hp = h + (l - 1) * T;
+            const real *hp = H(l - 1);
             real *sp = s + (l - 1) * T;
             for (int i = 0; i < R * WIDTH; i++) {
                 sp[i] = sigmoid(hp[i]);
                 act[i] = hp[i] * sp[i];
             }
-            rows_times(R, WIDTH, act, wt + 4 * WIDTH + (l - 1) * WIDTH * WIDTH, h + l * T);
+            rows_times(R, WIDTH, act, wt + 4 * WIDTH + (l - 1) * WIDTH * WIDTH, H(l));
         }
         /* backward pass: b_L = k h_L, then a_{l-1} = W_l^T b_l, b_{l-1} = silu'(h_{l-1}) a_{l-1} */
         real *b = act;
         for (int r = 0; r < R; r++) {
             const real k = 2 * gain / (WIDTH * sigma[r0 + r]);
             for (int j = 0; j < WIDTH; j++)
-                b[r * WIDTH + j] = k * h[L * T + r * WIDTH + j];
+                b[r * WIDTH + j] = k * H(L)[r * WIDTH + j];
         }
         for (int l = L; l >= 1; l--) {
-            rows_times(R, WIDTH, b, w + (l - 1) * WIDTH * WIDTH, a);
-            if (as)
-                for (int r = 0; r < R; r++)
-                    memcpy(as + ((size_t)(l - 1) * n + r0 + r) * WIDTH, a + r * WIDTH, sizeof(real) * WIDTH);
-            const real *hp = h + (l - 1) * T, *sp = s + (l - 1) * T;
+            real *al = as ? as + ((size_t)(l - 1) * n + r0) * WIDTH : a;   /* a_{l-1}, kept when asked */
+            rows_times(R, WIDTH, b, w + (l - 1) * WIDTH * WIDTH, al);
+            const real *hp = H(l - 1), *sp = s + (l - 1) * T;
             for (int i = 0; i < R * WIDTH; i++)
-                b[i] = sp[i] * (1 + hp[i] * (1 - sp[i])) * a[i];
+                b[i] = sp[i] * (1 + hp[i] * (1 - sp[i])) * al[i];
         }
         for (int r = 0; r < R; r++) {
             real q0 = 0, q1 = 0;
@@ -167,10 +166,7 @@ void mlp_forward(int lo, int hi, int n, int L, const real *x, const real *sigma,
             score[2 * (r0 + r)] = c * q0 - c * c * xr[0];
             score[2 * (r0 + r) + 1] = c * q1 - c * c * xr[1];
         }
-        if (hs)
-            for (int l = 0; l <= L; l++)
-                for (int r = 0; r < R; r++)
-                    memcpy(hs + ((size_t)l * n + r0 + r) * WIDTH, h + l * T + r * WIDTH, sizeof(real) * WIDTH);
+#undef H
     }
     free(buf);
     free(wt);
@@ -184,24 +180,23 @@ void mlp_backward(int lo, int hi, int n, int L, const real *x, const real *sigma
 {
     const size_t T = TILE * WIDTH;
     real *wt = transposes(L, w0, w);
-    real *buf = malloc(sizeof(real) * (T * (3 * L + 5) + 5 * TILE));
-    real *h = buf, *s = h + (L + 1) * T, *hb = s + L * T, *bb = hb + (L + 1) * T, *bn = bb + T,
+    real *buf = malloc(sizeof(real) * (T * (2 * L + 4) + 5 * TILE));
+    real *s = buf, *hb = s + L * T, *bb = hb + (L + 1) * T, *bn = bb + T,
          *ab = bn + T, *c_in = ab + T, *u = c_in + TILE;
     double gain_sum = 0;
     for (int r0 = lo; r0 < hi; r0 += TILE) {
         const int R = hi - r0 < TILE ? hi - r0 : TILE;
+#define H(l) (hs + ((size_t)(l) * n + r0) * WIDTH)   /* h_l of this tile, as mlp_forward saved it */
         inputs(R, x + 2 * r0, sigma + r0, sigma_data, c_in, u);
-        for (int l = 0; l <= L; l++)
-            for (int r = 0; r < R; r++)
-                memcpy(h + l * T + r * WIDTH, hs + ((size_t)l * n + r0 + r) * WIDTH, sizeof(real) * WIDTH);
-        for (int i = 0; i < L * (int)T; i++)
-            s[i] = sigmoid(h[i]);
+        for (int l = 0; l < L; l++)
+            for (int i = 0; i < R * WIDTH; i++)
+                s[l * T + i] = sigmoid(H(l)[i]);
 #define A(l, r) (as + ((size_t)(l) * n + r0 + (r)) * WIDTH)   /* a_l of point r0 + r */
         /* reverse of the backward pass; bn holds b_{l+1}, bb the adjoint of b_l */
         for (int r = 0; r < R; r++) {
             const real e0 = c_in[r] * e[2 * (r0 + r)], e1 = c_in[r] * e[2 * (r0 + r) + 1];
             const real k = 2 * gain / (WIDTH * sigma[r0 + r]);   /* b_0 = k h_0 when L = 0 */
-            const real *al = L ? A(0, r) : h, *hl = h + r * WIDTH, *sl = s + r * WIDTH;
+            const real *al = L ? A(0, r) : H(0), *hl = H(0) + r * WIDTH, *sl = s + r * WIDTH;
             for (int j = 0; j < WIDTH; j++) {
                 const real b0 = L ? sl[j] * (1 + hl[j] * (1 - sl[j])) * al[j] : k * hl[j];
                 gw0[j * 4] += b0 * e0;
@@ -210,7 +205,7 @@ void mlp_backward(int lo, int hi, int n, int L, const real *x, const real *sigma
             }
         }
         for (int l = 0; l < L; l++) {
-            const real *hl = h + l * T, *sl = s + l * T, *hn = h + (l + 1) * T;
+            const real *hl = H(l), *sl = s + l * T, *hn = H(l + 1);
             for (int r = 0; r < R; r++) {
                 const real *al = A(l, r);
                 for (int j = 0; j < WIDTH; j++) {
@@ -242,13 +237,13 @@ void mlp_backward(int lo, int hi, int n, int L, const real *x, const real *sigma
             const real k = 2 / (WIDTH * sigma[r0 + r]);
             for (int j = 0; j < WIDTH; j++) {
                 const int i = r * WIDTH + j;
-                gain_sum += k * h[L * T + i] * bb[i];
+                gain_sum += k * H(L)[i] * bb[i];
                 hb[L * T + i] = gain * k * bb[i];
             }
         }
         /* reverse of the forward pass: h_l = W_l silu(h_{l-1}) */
         for (int l = L; l >= 1; l--) {
-            real *hp = h + (l - 1) * T, *sp = s + (l - 1) * T;
+            const real *hp = H(l - 1), *sp = s + (l - 1) * T;
             for (int i = 0; i < R * (int)WIDTH; i++)
                 ab[i] = hp[i] * sp[i];                           /* silu(h_{l-1}) */
             add_outer(R, hb + l * T, ab, gw + (l - 1) * WIDTH * WIDTH);
@@ -260,6 +255,7 @@ void mlp_backward(int lo, int hi, int n, int L, const real *x, const real *sigma
             for (int j = 0; j < WIDTH; j++)
                 for (int i = 0; i < 4; i++)
                     gw0[j * 4 + i] += hb[r * WIDTH + j] * u[4 * r + i];
+#undef H
     }
     *gain_grad += (real)gain_sum;
     free(buf);

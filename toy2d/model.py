@@ -20,7 +20,7 @@ autograd in float64: the score and its weight gradients.
 import torch
 
 from mini_autoguide.edm import SIGMA_DATA, expand
-from mini_autoguide.mp import SILU_STD, MPConv, mp_silu
+from mini_autoguide.mp import SILU_STD, MPConv, effective_weights, mp_silu
 
 from . import kernel
 
@@ -61,10 +61,11 @@ class ToyMLP(torch.nn.Module):
         """grad_x G, written out: [N, 2]. Differentiable with respect to the
         parameters (not x): a loss on it trains the network."""
         sigma = expand(sigma, x[:, :1]).reshape(-1).expand(x.shape[0]).to(x.dtype)
+        w0 = self.layers[0].effective_weight(dtype=x.dtype)
         # 1/SILU_STD moves from the activations into the weights: plain silu below.
-        weights = [layer.effective_weight(dtype=x.dtype) for layer in self.layers]
-        weights = weights[:1] + [w / SILU_STD for w in weights[1:]]
-        return _Score.apply(x, sigma, self.gain.to(x.dtype), self.sigma_data, *weights)
+        w = (effective_weights(self.layers[1:], 1 / SILU_STD, x.dtype) if len(self.layers) > 1
+             else w0.new_zeros(0, w0.shape[0], w0.shape[0]))
+        return _Score.apply(x, sigma, self.gain.to(x.dtype), self.sigma_data, w0, w)
 
     def forward(self, x, sigma, **unused):
         """The denoiser D(x; sigma) = x + sigma^2 grad_x G. [N, 2]."""
@@ -85,27 +86,28 @@ class _Score(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, sigma, gain, sigma_data, *weights):
+    def forward(ctx, x, sigma, gain, sigma_data, w0, w):
         save = any(ctx.needs_input_grad)
-        ctx.lib = lib = _kernel(x, sigma, weights)
+        ctx.lib = lib = _kernel(x, sigma, w0)
         if lib is not None:  # the same formulas in C (mlp_kernel.c), a tile of points at a time
-            x, sigma, w0, w = x.contiguous(), sigma.contiguous(), weights[0].contiguous(), _stack(weights[1:], weights[0])
+            x, sigma, w0, w = x.contiguous(), sigma.contiguous(), w0.contiguous(), w.contiguous()
             score, hs, alphas = kernel.mlp_score(lib, x, sigma, float(gain), sigma_data, w0, w, save)
             if save:
                 ctx.save_for_backward(x, sigma, gain, w0, w, hs, alphas)
                 ctx.sigma_data = sigma_data
             return score
+        weights = [w0, *w.unbind(0)]
         c_in = (sigma * sigma + sigma_data ** 2).rsqrt()
         u = torch.stack([x[:, 0] * c_in, x[:, 1] * c_in, sigma.log() / 4, torch.ones_like(sigma)], 1)
         h, hs, acts = u @ weights[0].t(), [], [u]
-        for w in weights[1:]:
+        for w_l in weights[1:]:
             hs.append(h), acts.append(torch.nn.functional.silu(h))
-            h = acts[-1] @ w.t()
+            h = acts[-1] @ w_l.t()
         k = (2 / h.shape[1]) * gain / sigma
         b = h * k[:, None]
         bs, alphas = [b], []
-        for w, h_l in zip(weights[:0:-1], hs[::-1]):
-            a = b @ w
+        for w_l, h_l in zip(weights[:0:-1], hs[::-1]):
+            a = b @ w_l
             b = _silu_slope_times(a, h_l)
             bs.insert(0, b), alphas.insert(0, a)
         score = c_in[:, None] * (b @ weights[0][:, :2]) - (c_in * c_in)[:, None] * x
@@ -122,7 +124,7 @@ class _Score(torch.autograd.Function):
             x, sigma, gain, w0, w, hs, alphas = ctx.saved_tensors
             grads = kernel.mlp_score_backward(ctx.lib, x, sigma, float(gain), ctx.sigma_data, w0, w, hs, alphas,
                                               e.contiguous())
-            return (None, None, grads[2], None, grads[0], *grads[1].unbind(0))
+            return None, None, grads[2], None, grads[0], grads[1]
         L, saved = ctx.depth, list(ctx.saved_tensors)
         sigma, c_in, gain, h_last = saved[:4]
         sizes = [L + 1, L, L + 1, L + 1, L]   # weights, h, activations (u first), b, a
@@ -150,22 +152,15 @@ class _Score(torch.autograd.Function):
             grads[l] = torch.addmm(grads[l], hb[l].t(), acts[l])
             hb[l - 1] += _silu_slope_times(hb[l] @ weights[l], hs[l - 1])
         grads[0] = torch.addmm(grads[0], hb[0].t(), acts[0])
-        return (None, None, gain_grad, None, *grads)
+        return None, None, gain_grad, None, grads[0], torch.stack(grads[1:]) if L else None
 
 
-def _kernel(x, sigma, weights):
+def _kernel(x, sigma, w0):
     """The compiled MLP kernel where it serves (CPU, float32 or float64, width a
     multiple of 8, finite x and positive sigma: it is built with -ffast-math), else None."""
     if x.device.type != "cpu" or not (torch.isfinite(x).all() and (sigma > 0).all() and torch.isfinite(sigma).all()):
         return None
-    return kernel.load_mlp(weights[0].shape[0], x.dtype)
-
-
-def _stack(weights, like):
-    """The hidden layers' weights as one contiguous [L, n, n] tensor."""
-    if not weights:
-        return like.new_zeros(0, like.shape[0], like.shape[0])
-    return torch.stack(weights)
+    return kernel.load_mlp(w0.shape[0], x.dtype)
 
 
 def _silu_slope_times(g, h):

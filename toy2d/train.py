@@ -6,6 +6,7 @@ Denoising score matching (EDM weighting) is the alternative that only needs
 samples, as for images.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,30 +55,44 @@ def learning_rate(config, t):
     return config.lr / math.sqrt(max(t / config.lr_ref_iter, 1))
 
 
-def batches(target, config, generator, chunk=16):
+def batches(target, config, generator, chunk=16, ahead=True):
     """Each iteration's training batch: (clean y, sigma, noisy x, exact score of x
     or None for the DSM loss), shapes [B, 2], [B], [B, 2], [B, 2].
 
     The random draws come in the order of one iteration at a time, but the
     exact scores of `chunk` iterations are computed in one call: switching
     between the C kernel's threads and torch's costs more than the per-point
-    work it saves to call it once per iteration (each point's score does not
-    depend on its neighbours, so the result is the same)."""
-    left = config.iterations
-    while left > 0:
+    work it saves to call it once per iteration. With `ahead`, the next chunk
+    is drawn and scored in a background thread while this one trains
+    (kernel.idle_thread: it takes a core only when training leaves one idle,
+    as it does in its small one-thread torch ops). Each point's score does
+    not depend on its neighbours and the draws keep their order, so the
+    batches are the same either way."""
+    def draw(count):
         drawn = []
-        for _ in range(min(chunk, left)):
+        for _ in range(count):
             y = target.sample(config.batch, generator=generator)
             sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=generator)
             drawn.append((y, sigma, y + sigma[:, None] * torch.randn(y.shape, generator=generator)))
-        left -= len(drawn)
         if config.loss == "exact":
             scores = target.score(torch.cat([x for _, _, x in drawn]), torch.cat([s for _, s, _ in drawn]))
             scores = scores.split(config.batch)
         else:
             scores = [None] * len(drawn)
-        for (y, sigma, x), score in zip(drawn, scores):
-            yield y, sigma, x, score
+        return [(y, sigma, x, score) for (y, sigma, x), score in zip(drawn, scores)]
+
+    counts = [min(chunk, config.iterations - i) for i in range(0, config.iterations, chunk)]
+    if not ahead:
+        for count in counts:
+            yield from draw(count)
+        return
+    with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as pool:
+        future = pool.submit(draw, counts[0])
+        for count in counts[1:] + [None]:
+            ready = future.result()
+            if count is not None:
+                future = pool.submit(draw, count)
+            yield from ready
 
 
 def train(config, progress=False, callback=None, chunk=16):
@@ -93,7 +108,8 @@ def train(config, progress=False, callback=None, chunk=16):
     target = make_gmm(config.classes)
     net = ToyMLP(config.width, config.depth).train()
     ema = PowerEMA(net, [config.ema_sigma_rel])
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+    # fused: one pass over all parameters instead of a dozen small ops each
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), fused=True)
     losses = []
     bar = None
     if progress:
