@@ -103,12 +103,12 @@ def main():
 
     # ---- one training iteration ----------------------------------------------
     # train() itself, per iteration: sampling, exact targets (16 iterations a kernel
-    # call), the model's score and its weight gradient, Adam, EMA. The model's score
+    # call, drawn ahead in the background where the kernels serve), the model's score and its weight gradient, Adam, EMA. The model's score
     # three ways, interleaved: the C kernel (ours), the same formulas in torch ops,
     # and autograd's double backward; and a step with the baseline exact score.
     paths = ("kernel", "torch", "autograd")
     for width in (64, 32):
-        config = ToyConfig(width=width, iterations=48, batch=n)
+        config = ToyConfig(width=width, iterations=96, batch=n)   # 6 chunks of targets: the first is not hidden
         runs = {path: [] for path in paths}
         for r in range(5):
             for path in paths[r % 3:] + paths[:r % 3]:

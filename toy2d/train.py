@@ -86,13 +86,12 @@ def batches(target, config, generator, chunk=16, ahead=True):
         for count in counts:
             yield from draw(count)
         return
+    ready = draw(counts[0])   # the first chunk here, on all the kernels' threads: nothing to hide it behind
     with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as pool:
-        future = pool.submit(draw, counts[0])
         for count in counts[1:] + [None]:
-            ready = future.result()
-            if count is not None:
-                future = pool.submit(draw, count)
+            future = pool.submit(draw, count) if count is not None else None
             yield from ready
+            ready = future.result() if future is not None else None
 
 
 def train(config, progress=False, callback=None, chunk=16):
@@ -116,8 +115,11 @@ def train(config, progress=False, callback=None, chunk=16):
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
     # With the C kernels serving the network and the targets, torch's own ops are small.
-    with kernel.cores_to_kernels(kernel.load_mlp(config.width, torch.float32) is not None):
-        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk), start=1):
+    # Batches ahead only then: beside torch's own threads (no kernel) they would
+    # compete with its OpenMP threads, which spin for work between ops.
+    kernels = kernel.load_mlp(config.width, torch.float32) is not None
+    with kernel.cores_to_kernels(kernels):
+        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk, ahead=kernels), start=1):
             if config.loss == "exact":
                 loss = exact_score_loss(net.score(x, sigma), score, sigma)
             else:
