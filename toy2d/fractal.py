@@ -13,6 +13,7 @@ of every (point, component) pair come out of one matmul each. For float32 on
 the CPU the same formulas run fused in C (kernel.py), when a compiler exists.
 """
 import math
+import threading
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ class GMM:
         self.weight = weight[order] / np.sum(weight)                          # [K]
         self.mu, self.cov, self.branch = mu[order], cov[order], branch[order]  # [K,2], [K,2,2], [K]
         self._coef = {}
+        self._buffers = threading.local()
 
     def __len__(self):
         return len(self.weight)
@@ -143,10 +145,11 @@ class GMM:
         au1 = (a + s1) * u1 - b * u0
         # logit = log w - 0.5 log det - 0.5 (u^T A u - 2 (Au).v + v^T A v) / det
         base = (u0 * au0 + u1 * au1).mul_(inv).add_(det.log()).mul_(-0.5)  # [n, B]
-        # one reused buffer: fresh [n, K] allocations cost page faults each time
-        buf = co.get("buf")
+        # one reused buffer a thread: fresh [n, K] allocations cost page faults each time
+        buffers, key = self._buffers.__dict__, (x.dtype, x.device)
+        buf = buffers.get(key)
         if buf is None or buf.numel() < n * len(self):
-            buf = co["buf"] = x.new_empty(n * len(self))
+            buf = buffers[key] = x.new_empty(n * len(self))
         logit = buf[:n * len(self)].view(n, self.group, len(self) // self.group)  # [n, g, B]
         torch.addcmul(co["logw"], (au0 * inv)[:, None], co["v0"], out=logit)
         logit.addcmul_((au1 * inv)[:, None], co["v1"])

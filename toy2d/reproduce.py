@@ -81,8 +81,12 @@ def load_toy(path):
 
 
 def train_models(settings, outdir=None, progress=False, log=print):
-    """Train (or load from outdir/models when present) the three models."""
-    nets, seconds = {}, {}
+    """Train (or load from outdir/models when present) the three models: the
+    main model on both cores, then the two guides side by side, one core each
+    (their width-32 networks split poorly over two threads; on one thread
+    their weight gradients are summed in another order than on two, so they
+    differ from a two-thread run at float rounding)."""
+    nets, seconds, todo = {}, {}, []
     for i, name in enumerate(("main", "guide", "uncond")):
         config = replace(getattr(settings, name), seed=settings.seed * 10 + i)
         path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
@@ -92,7 +96,10 @@ def train_models(settings, outdir=None, progress=False, log=print):
                 raise CheckpointError(f"{path} was trained with other settings than this run's "
                                       f"(use --force or another --outdir)")
             log(f"loaded {name} from {path}")
-            continue
+        else:
+            todo.append((name, config, path))
+
+    def fit(name, config, path):
         t0 = time.perf_counter()
         nets[name], _ = train(config, progress=progress)
         seconds[name] = time.perf_counter() - t0
@@ -101,6 +108,16 @@ def train_models(settings, outdir=None, progress=False, log=print):
             f"in {seconds[name]:.1f}s ({seconds[name] / config.iterations * 1e3:.1f} ms/it)")
         if path is not None:
             save_toy(path, nets[name], config)
+
+    for job in [job for job in todo if job[0] == "main"]:
+        fit(*job)
+    guides = [job for job in todo if job[0] != "main"]
+    if guides:
+        t0 = time.perf_counter()
+        with kernel.cores_to_kernels(), ThreadPoolExecutor(len(guides), initializer=kernel.one_thread) as pool:
+            for done in [pool.submit(fit, *job) for job in guides]:
+                done.result()
+        seconds["guides_side_by_side"] = time.perf_counter() - t0
     return nets, seconds
 
 
@@ -127,9 +144,8 @@ def sample(D, x, settings, record=False, progress=False):
 def reproduce(outdir, settings, progress=False, figures=True, log=print):
     """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures.
 
-    The metrics run in a background thread (kernel.idle_thread) beside the
-    work that needs both cores: the reference quantities while the models
-    train, each sample set's metrics while the next one samples."""
+    The metrics' reference quantities are computed in a background thread
+    (kernel.idle_thread) while the models train."""
     t_start = time.perf_counter()
     with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as background:
         ready = background.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
@@ -139,28 +155,43 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
         x0 = start_points(settings)
         samples, measured = {}, {}
 
-        def measure(method, w, progress=False):
-            """(samples, sampling seconds, future metrics) of one method at one w.
-            Sampling is deterministic (same x0, no churn): a (method, w) is
-            sampled once, and every method at w = 1 is the main model alone."""
+        def measure(method, w):
+            """The future (samples, sampling seconds, metrics) of one method at
+            one w. Sampling is deterministic (same x0, no churn, each point's
+            network output its own): a (method, w) is sampled once, and every
+            method at w = 1 is the main model alone."""
             key = ("none", 1.0) if float(w) == 1.0 else (method, float(w))
             if key not in measured:
-                t0 = time.perf_counter()
-                x = sample(denoiser(method, nets, w), x0, settings, progress=progress)
-                measured[key] = x, time.perf_counter() - t0, background.submit(metrics, x)
+                def run():
+                    t0 = time.perf_counter()
+                    x = sample(denoiser(method, nets, w), x0, settings)
+                    return x, time.perf_counter() - t0, metrics(x)
+                measured[key] = samplers.submit(run)
+                if bar is not None:
+                    bar.total += 1
+                    measured[key].add_done_callback(lambda _: bar.update(1))
             return measured[key]
 
         gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
         samples["truth"] = metrics.gmm.sample(settings.samples, generator=gen)
-        truth = background.submit(metrics, samples["truth"])
-        with kernel.cores_to_kernels():
-            runs = {method: measure(method, settings.weights[method], progress) for method in METHODS}
-            t_sweep = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=0, desc="sampling runs", unit="run", leave=False)
+        # Two runs at a time, one core each, each with its metrics: a sampling
+        # step's network pass splits poorly over two threads (8,192 points).
+        with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.one_thread) as samplers:
+            truth = samplers.submit(metrics, samples["truth"])
+            runs = {method: measure(method, settings.weights[method]) for method in METHODS}
             points = [(method, w, measure(method, w)) for method, ws in settings.sweep.items() for w in ws]
-        results = dict(truth=truth.result())
-        for method, (samples[method], seconds, future) in runs.items():
-            results[method] = dict(weight=settings.weights[method], seconds=seconds, **future.result())
-        sweep = [dict(method=method, weight=w, **future.result()) for method, w, (_, _, future) in points]
+            results = dict(truth=truth.result())
+            for method, run in runs.items():
+                samples[method], seconds, measures = run.result()
+                results[method] = dict(weight=settings.weights[method], seconds=seconds, **measures)
+            t_sweep = time.perf_counter()
+            sweep = [dict(method=method, weight=w, **run.result()[2]) for method, w, run in points]
+        if bar is not None:
+            bar.close()
     seconds = dict(train=train_seconds, methods=t_sweep - t_sample, sweep=time.perf_counter() - t_sweep)
     report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
                   seconds=seconds, threshold_logp=metrics.threshold,

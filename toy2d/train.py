@@ -6,6 +6,7 @@ Denoising score matching (EDM weighting) is the alternative that only needs
 samples, as for images.
 """
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ from .fractal import CLASSES, gmm as make_gmm
 from .model import ToyMLP
 
 LOSSES = ("exact", "dsm")
+_SEEDING = threading.Lock()
 
 
 @dataclass
@@ -102,10 +104,11 @@ def train(config, progress=False, callback=None, chunk=16):
     together (see `batches`; the result does not depend on it).
     """
     config = config.check()
-    torch.manual_seed(config.seed)
+    with _SEEDING:   # the initial weights come from torch's global generator: one thread at a time
+        torch.manual_seed(config.seed)
+        net = ToyMLP(config.width, config.depth).train()
     gen = torch.Generator().manual_seed(config.seed)
     target = make_gmm(config.classes)
-    net = ToyMLP(config.width, config.depth).train()
     ema = PowerEMA(net, [config.ema_sigma_rel])
     # fused: one pass over all parameters instead of a dozen small ops each
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), fused=True)
@@ -115,11 +118,13 @@ def train(config, progress=False, callback=None, chunk=16):
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
     # With the C kernels serving the network and the targets, torch's own ops are small.
-    # Batches ahead only then: beside torch's own threads (no kernel) they would
-    # compete with its OpenMP threads, which spin for work between ops.
     kernels = kernel.load_mlp(config.width, torch.float32) is not None
     with kernel.cores_to_kernels(kernels):
-        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk, ahead=kernels), start=1):
+        # Batches ahead only where the kernels have several threads: beside torch's
+        # own threads (no kernel) they would compete with its OpenMP threads, which
+        # spin for work between ops, and a one-thread trainer has no idle core.
+        ahead = kernels and kernel.threads_to_use() > 1
+        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk, ahead), start=1):
             if config.loss == "exact":
                 loss = exact_score_loss(net.score(x, sigma), score, sigma)
             else:
