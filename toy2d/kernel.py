@@ -130,22 +130,22 @@ def _padded(co):
 
 def threads_to_use():
     """The kernels' threads: torch's, what `cores_to_kernels` lent them, or 1
-    in a thread that called `one_thread`."""
+    in a worker or idle thread."""
     return max(1, getattr(_LOCAL, "threads", None) or _STATE.get("threads") or torch.get_num_threads())
 
 
-def one_thread():
-    """From now on, in the calling thread only, the kernels run on that thread
-    alone (for a thread that works beside others, such as train.py's batches)."""
+def worker_thread():
+    """Initializer of a ThreadPoolExecutor whose threads work side by side,
+    one core each: their kernels run on the thread alone."""
     _LOCAL.threads = 1
 
 
 def idle_thread():
-    """Initializer of a ThreadPoolExecutor for work done beside the main work
-    (train.py's next batches, reproduce.py's metrics): its kernels run on the
-    thread alone, and it runs only where a core would otherwise idle (Linux's
-    SCHED_IDLE; elsewhere at normal priority)."""
-    one_thread()
+    """Initializer of a ThreadPoolExecutor for work done in the gaps of the
+    main work (train.py's next batches, reproduce.py's reference metrics):
+    its kernels run on the thread alone, and it runs only where a core would
+    otherwise idle (Linux's SCHED_IDLE; elsewhere at normal priority)."""
+    worker_thread()
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):

@@ -8,7 +8,7 @@ each method from identical starting points; measure everything exactly.
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -80,45 +80,46 @@ def load_toy(path):
     return net.eval().requires_grad_(False), cfg
 
 
-def train_models(settings, outdir=None, progress=False, log=print):
-    """Train (or load from outdir/models when present) the three models: the
-    main model on both cores, then the two guides side by side, one core each
-    (their width-32 networks split poorly over two threads; on one thread
-    their weight gradients are summed in another order than on two, so they
-    differ from a two-thread run at float rounding)."""
-    nets, seconds, todo = {}, {}, []
-    for i, name in enumerate(("main", "guide", "uncond")):
+def train_models(settings, outdir=None, progress=False, log=print, pool=None):
+    """The three models, trained (or loaded from outdir/models when present):
+    the main model now, on both cores; then the two guides side by side, one
+    core each (their width-32 networks split poorly over two threads), in
+    `pool` (two worker threads) as futures where given. Returns (nets, seconds)."""
+    seconds = {}
+
+    def obtain(i, name):
         config = replace(getattr(settings, name), seed=settings.seed * 10 + i)
         path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
         if path is not None and os.path.exists(path):
-            nets[name], saved = load_toy(path)
+            net, saved = load_toy(path)
             if saved != config:  # never let a model of other settings stand in silently
                 raise CheckpointError(f"{path} was trained with other settings than this run's "
                                       f"(use --force or another --outdir)")
             log(f"loaded {name} from {path}")
-        else:
-            todo.append((name, config, path))
-
-    def fit(name, config, path):
+            return net
         t0 = time.perf_counter()
-        nets[name], _ = train(config, progress=progress)
+        net, _ = train(config, progress=progress)
         seconds[name] = time.perf_counter() - t0
-        nets[name].requires_grad_(False)
         log(f"trained {name} ({config.classes}, width {config.width}, {config.iterations} it) "
             f"in {seconds[name]:.1f}s ({seconds[name] / config.iterations * 1e3:.1f} ms/it)")
         if path is not None:
-            save_toy(path, nets[name], config)
+            save_toy(path, net, config)
+        return net.requires_grad_(False)
 
-    for job in [job for job in todo if job[0] == "main"]:
-        fit(*job)
-    guides = [job for job in todo if job[0] != "main"]
-    if guides:
-        t0 = time.perf_counter()
-        with kernel.cores_to_kernels(), ThreadPoolExecutor(len(guides), initializer=kernel.one_thread) as pool:
-            for done in [pool.submit(fit, *job) for job in guides]:
-                done.result()
-        seconds["guides_side_by_side"] = time.perf_counter() - t0
+    nets = dict(main=obtain(0, "main"))
+    guides = ((2, "uncond"), (1, "guide"))   # the longer first
+    if pool is not None:   # the caller's, within its cores_to_kernels
+        nets.update((name, pool.submit(obtain, i, name)) for i, name in guides)
+        return nets, seconds
+    with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.worker_thread) as own:
+        nets.update((name, own.submit(obtain, i, name)) for i, name in guides)
+        nets = {name: ready(net) for name, net in nets.items()}
     return nets, seconds
+
+
+def ready(net):
+    """A model, waited for where it is a future (train_models with a pool)."""
+    return net.result() if isinstance(net, Future) else net
 
 
 # ---- sampling ----------------------------------------------------------------
@@ -144,55 +145,67 @@ def sample(D, x, settings, record=False, progress=False):
 def reproduce(outdir, settings, progress=False, figures=True, log=print):
     """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures.
 
-    The metrics' reference quantities are computed in a background thread
-    (kernel.idle_thread) while the models train."""
+    The main model trains on both cores, while a background thread
+    (kernel.idle_thread) computes the metrics' reference quantities in its
+    gaps. Then everything runs two at a time, one core each: the guides'
+    training, and each sampling run with its metrics, those of the main
+    model alone first (they need no guide), then the guide figure."""
     t_start = time.perf_counter()
-    with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as background:
-        ready = background.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
-        nets, train_seconds = train_models(settings, outdir, progress, log)
-        t_sample = time.perf_counter()
-        metrics = ready.result()
+    os.makedirs(outdir, exist_ok=True)
+    with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as background, kernel.cores_to_kernels(), \
+            ThreadPoolExecutor(2, initializer=kernel.worker_thread) as workers:
+        reference = background.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
+        nets, train_seconds = train_models(settings, outdir, progress, log, pool=workers)
+        t_main = time.perf_counter()
+        metrics = reference.result()
         x0 = start_points(settings)
-        samples, measured = {}, {}
+        gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
+        samples = dict(truth=metrics.gmm.sample(settings.samples, generator=gen))
+        truth = workers.submit(metrics, samples["truth"])
+        measured = {}
+
+        def run(method, w):
+            """(samples, sampling seconds, metrics) of one method at one w."""
+            models = {name: ready(net) for name, net in nets.items()
+                      if name == "main" or name == {"cfg": "uncond", "autoguidance": "guide"}.get(method)}
+            t0 = time.perf_counter()
+            x = sample(denoiser(method, models, w), x0, settings)
+            return x, time.perf_counter() - t0, metrics(x)
 
         def measure(method, w):
-            """The future (samples, sampling seconds, metrics) of one method at
-            one w. Sampling is deterministic (same x0, no churn, each point's
-            network output its own): a (method, w) is sampled once, and every
-            method at w = 1 is the main model alone."""
+            """The future of run(method, w). Sampling is deterministic (same x0,
+            no churn, each point's network output its own): a (method, w) is
+            sampled once, and every method at w = 1 is the main model alone."""
             key = ("none", 1.0) if float(w) == 1.0 else (method, float(w))
             if key not in measured:
-                def run():
-                    t0 = time.perf_counter()
-                    x = sample(denoiser(method, nets, w), x0, settings)
-                    return x, time.perf_counter() - t0, metrics(x)
-                measured[key] = samplers.submit(run)
-                if bar is not None:
-                    bar.total += 1
-                    measured[key].add_done_callback(lambda _: bar.update(1))
+                measured[key] = workers.submit(run, *key)
             return measured[key]
 
-        gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
-        samples["truth"] = metrics.gmm.sample(settings.samples, generator=gen)
+        pairs = [(m, settings.weights[m]) for m in METHODS] + [(m, w) for m, ws in settings.sweep.items() for w in ws]
+        for method, w in sorted(pairs, key=lambda mw: mw[0] in ("cfg", "autoguidance")):   # main alone first
+            measure(method, w)
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=0, desc="sampling runs", unit="run", leave=False)
-        # Two runs at a time, one core each, each with its metrics: a sampling
-        # step's network pass splits poorly over two threads (8,192 points).
-        with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.one_thread) as samplers:
-            truth = samplers.submit(metrics, samples["truth"])
-            runs = {method: measure(method, settings.weights[method]) for method in METHODS}
-            points = [(method, w, measure(method, w)) for method, ws in settings.sweep.items() for w in ws]
-            results = dict(truth=truth.result())
-            for method, run in runs.items():
-                samples[method], seconds, measures = run.result()
-                results[method] = dict(weight=settings.weights[method], seconds=seconds, **measures)
-            t_sweep = time.perf_counter()
-            sweep = [dict(method=method, weight=w, **run.result()[2]) for method, w, run in points]
+            bar = tqdm(total=len(measured), desc="sampling runs", unit="run", leave=False)
+            for future in measured.values():
+                future.add_done_callback(lambda _: bar.update(1))
+        if figures:
+            from . import plots
+            guide_figure = workers.submit(lambda: plots.guide_figure(
+                os.path.join(outdir, "guide.png"), {k: ready(v) for k, v in nets.items()}, settings))
+        results = dict(truth=truth.result())
+        for method in METHODS:
+            samples[method], took, measures = measure(method, settings.weights[method]).result()
+            results[method] = dict(weight=settings.weights[method], seconds=took, **measures)
+        sweep = [dict(method=m, weight=w, **measure(m, w).result()[2]) for m, ws in settings.sweep.items() for w in ws]
+        nets = {name: ready(net) for name, net in nets.items()}
+        t_figures = time.perf_counter()
+        if figures:
+            guide_figure.result()
         if bar is not None:
             bar.close()
-    seconds = dict(train=train_seconds, methods=t_sweep - t_sample, sweep=time.perf_counter() - t_sweep)
+    seconds = dict(train=train_seconds, guides_and_sampling=t_figures - t_main)
     report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
                   seconds=seconds, threshold_logp=metrics.threshold,
                   torch=torch.__version__, threads=torch.get_num_threads())
@@ -200,10 +213,9 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     for name, x in samples.items():
         write_npz(os.path.join(outdir, "samples", f"{name}.npz"), x=np.asarray(x, dtype=np.float32))
     if figures:
-        from . import plots
-        t_fig = time.perf_counter()
-        plots.all_figures(outdir, nets, samples, report, settings)
-        seconds["figures"] = time.perf_counter() - t_fig
+        plots.samples_figure(os.path.join(outdir, "samples.png"), samples, report)
+        plots.sweep_figure(os.path.join(outdir, "sweep.png"), report)
+        seconds["figures"] = time.perf_counter() - t_figures   # the guide figure's wait, then these two
     seconds["total"] = total = time.perf_counter() - t_start
     write_json(os.path.join(outdir, "metrics.json"), report)
     log(format_table(report))
