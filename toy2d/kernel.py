@@ -142,9 +142,9 @@ def worker_thread():
 
 def idle_thread():
     """Initializer of a ThreadPoolExecutor for work done in the gaps of the
-    main work (train.py's next batches, reproduce.py's reference metrics):
-    its kernels run on the thread alone, and it runs only where a core would
-    otherwise idle (Linux's SCHED_IDLE; elsewhere at normal priority)."""
+    main work (train.py's next batches): its kernels run on the thread alone,
+    and it runs only where a core would otherwise idle (Linux's SCHED_IDLE;
+    elsewhere at normal priority)."""
     worker_thread()
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -145,24 +145,24 @@ def sample(D, x, settings, record=False, progress=False):
 def reproduce(outdir, settings, progress=False, figures=True, log=print):
     """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures.
 
-    The main model trains on both cores, while a background thread
-    (kernel.idle_thread) computes the metrics' reference quantities in its
-    gaps. Then everything runs two at a time, one core each: the guides'
-    training, and each sampling run with its metrics, those of the main
-    model alone first (they need no guide), then the guide figure."""
+    The main model trains on both cores. Then two worker threads, one core
+    each, run everything else: the guides' training, the metrics' reference
+    quantities, each sampling run with its metrics (those of the main model
+    alone first: they need no guide), and the guide figure."""
     t_start = time.perf_counter()
     os.makedirs(outdir, exist_ok=True)
-    with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as background, kernel.cores_to_kernels(), \
-            ThreadPoolExecutor(2, initializer=kernel.worker_thread) as workers:
-        reference = background.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
+    with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.worker_thread) as workers:
         nets, train_seconds = train_models(settings, outdir, progress, log, pool=workers)
         t_main = time.perf_counter()
-        metrics = reference.result()
+        reference = workers.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
         x0 = start_points(settings)
-        gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
-        samples = dict(truth=metrics.gmm.sample(settings.samples, generator=gen))
-        truth = workers.submit(metrics, samples["truth"])
         measured = {}
+
+        def truth():
+            metrics = reference.result()
+            gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
+            x = metrics.gmm.sample(settings.samples, generator=gen)
+            return x, metrics(x)
 
         def run(method, w):
             """(samples, sampling seconds, metrics) of one method at one w."""
@@ -170,7 +170,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
                       if name == "main" or name == {"cfg": "uncond", "autoguidance": "guide"}.get(method)}
             t0 = time.perf_counter()
             x = sample(denoiser(method, models, w), x0, settings)
-            return x, time.perf_counter() - t0, metrics(x)
+            return x, time.perf_counter() - t0, reference.result()(x)
 
         def measure(method, w):
             """The future of run(method, w). Sampling is deterministic (same x0,
@@ -181,6 +181,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
                 measured[key] = workers.submit(run, *key)
             return measured[key]
 
+        true_samples = workers.submit(truth)
         pairs = [(m, settings.weights[m]) for m in METHODS] + [(m, w) for m, ws in settings.sweep.items() for w in ws]
         for method, w in sorted(pairs, key=lambda mw: mw[0] in ("cfg", "autoguidance")):   # main alone first
             measure(method, w)
@@ -194,7 +195,8 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
             from . import plots
             guide_figure = workers.submit(lambda: plots.guide_figure(
                 os.path.join(outdir, "guide.png"), {k: ready(v) for k, v in nets.items()}, settings))
-        results = dict(truth=truth.result())
+        samples, results = {}, {}
+        samples["truth"], results["truth"] = true_samples.result()
         for method in METHODS:
             samples[method], took, measures = measure(method, settings.weights[method]).result()
             results[method] = dict(weight=settings.weights[method], seconds=took, **measures)
@@ -207,7 +209,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
             bar.close()
     seconds = dict(train=train_seconds, guides_and_sampling=t_figures - t_main)
     report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
-                  seconds=seconds, threshold_logp=metrics.threshold,
+                  seconds=seconds, threshold_logp=reference.result().threshold,
                   torch=torch.__version__, threads=torch.get_num_threads())
     os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
     for name, x in samples.items():
