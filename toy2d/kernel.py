@@ -3,7 +3,7 @@
 score_kernel.c: the fractal's exact log-density and score. The torch code in
 fractal.py is the reference: exact in float64, any device. For float32 on the
 CPU, where the toy spends much of its training time, one C loop that never
-writes the [N, K] logits to memory is about 2.5x faster.
+writes the [N, K] logits to memory is several times faster (benchmarks/bench_toy.py).
 
 mlp_kernel.c: the toy MLP's score and its weight gradient (model.py's _Score),
 a tile of points at a time, for float32 and float64 on the CPU; built once per

@@ -12,10 +12,10 @@ backward pass, with its own gradient with respect to the weights (the
 backward of the backward), which training needs. Written out, it does in a
 few large matrix products what autograd's double backward does in many small
 steps. On the CPU it runs in C (mlp_kernel.c, a tile of points at a time,
-everything in cache), elsewhere in torch ops (`_Score`); a training iteration
-is about 1.1x faster in C than in torch ops and 1.3x faster than with
-autograd (benchmarks/bench_toy.py). tests/test_toy.py checks both against
-autograd in float64: the score and its weight gradients.
+everything in cache), elsewhere in torch ops (`_Score`);
+benchmarks/bench_toy.py times a training iteration all three ways.
+tests/test_toy.py checks both against autograd in float64: the score and its
+weight gradients.
 """
 import torch
 

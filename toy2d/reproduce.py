@@ -80,11 +80,12 @@ def load_toy(path):
     return net.eval().requires_grad_(False), cfg
 
 
-def train_models(settings, outdir=None, progress=False, log=print, pool=None):
+def train_models(settings, pool, outdir=None, progress=False, log=print):
     """The three models, trained (or loaded from outdir/models when present):
-    the main model now, on both cores; then the two guides side by side, one
-    core each (their width-32 networks split poorly over two threads), in
-    `pool` (two worker threads) as futures where given. Returns (nets, seconds)."""
+    the main model now, on both cores; the two guides side by side, one core
+    each (their width-32 networks split poorly over two threads), as futures
+    of `pool` (two kernel.worker_thread threads, within the caller's
+    cores_to_kernels). Returns (nets, seconds); `ready` waits for a model."""
     seconds = {}
 
     def obtain(i, name):
@@ -107,13 +108,8 @@ def train_models(settings, outdir=None, progress=False, log=print, pool=None):
         return net.requires_grad_(False)
 
     nets = dict(main=obtain(0, "main"))
-    guides = ((2, "uncond"), (1, "guide"))   # the longer first
-    if pool is not None:   # the caller's, within its cores_to_kernels
-        nets.update((name, pool.submit(obtain, i, name)) for i, name in guides)
-        return nets, seconds
-    with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.worker_thread) as own:
-        nets.update((name, own.submit(obtain, i, name)) for i, name in guides)
-        nets = {name: ready(net) for name, net in nets.items()}
+    for i, name in ((2, "uncond"), (1, "guide")):   # the longer first
+        nets[name] = pool.submit(obtain, i, name)
     return nets, seconds
 
 
@@ -152,7 +148,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     t_start = time.perf_counter()
     os.makedirs(outdir, exist_ok=True)
     with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.worker_thread) as workers:
-        nets, train_seconds = train_models(settings, outdir, progress, log, pool=workers)
+        nets, train_seconds = train_models(settings, workers, outdir, progress, log)
         t_main = time.perf_counter()
         reference = workers.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
         x0 = start_points(settings)
@@ -201,7 +197,6 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
             samples[method], took, measures = measure(method, settings.weights[method]).result()
             results[method] = dict(weight=settings.weights[method], seconds=took, **measures)
         sweep = [dict(method=m, weight=w, **measure(m, w).result()[2]) for m, ws in settings.sweep.items() for w in ws]
-        nets = {name: ready(net) for name, net in nets.items()}
         t_figures = time.perf_counter()
         if figures:
             guide_figure.result()

@@ -28,7 +28,7 @@
                                       which -ffast-math may not reassociate)
      e^f by its Taylor polynomial of degree 6 (error < 1.2e-7 relative)
      e^x = e^f 2^n                   (n added to the exponent bits)
-   glibc's expf took about 40% of this kernel's time. tests/test_fractal.py
+   glibc's expf had been a large part of this kernel's time (perf). tests/test_fractal.py
    checks the kernel against float64. */
 static inline float exp_clamped(float x)
 {
