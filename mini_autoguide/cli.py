@@ -14,6 +14,15 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr like every other error of the CLI
+    (argparse prints the whole usage block first); --help stays complete. Subcommand parsers
+    inherit the class (add_subparsers uses the parent's)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def _families():
     # each: (name, module path) with register(subparsers) inside
     return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image"),
@@ -21,7 +30,7 @@ def _families():
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m mini_autoguide",
         description="Autoguidance (Karras et al. 2024) from a 2D toy with exact scores to image U-Nets.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -136,11 +136,3 @@ def test_bad_input(models, tmp_path, capsys):
 
 def test_bad_device_is_one_line(tmp_path, capsys):
     assert "not available" in bad(capsys, "toy", "train", "--out", str(tmp_path / "a"), "--device", "cuda:7")
-
-
-@pytest.mark.parametrize("sub", ["reproduce", "train", "sample", "evaluate", "plot"])
-def test_help(sub, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["toy", sub, "--help"])
-    assert e.value.code == 0
-    assert "usage:" in capsys.readouterr().out

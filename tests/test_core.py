@@ -222,7 +222,8 @@ def test_negative_and_large_weights_are_allowed():
     a, ab, x = _pair()
     for w in (-1.0, 0.5, 12.0):
         d = guidance.make("cfg", a.denoise, ab.denoise, w)(x, 0.3)
-        assert torch.isfinite(d).all()
+        expected = ab.denoise(x, 0.3) + w * (a.denoise(x, 0.3) - ab.denoise(x, 0.3))
+        assert torch.allclose(d, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---- EMA ---------------------------------------------------------------------
@@ -260,7 +261,14 @@ def test_power_ema_tracks_the_power_profile():
 def test_ema_state_round_trip():
     net = torch.nn.Linear(2, 2)
     a = ema.PowerEMA(net, [0.05, 0.1])
-    a.update(net, 1)
+    for t in range(1, 6):   # past step 1 (beta = 0, every profile a copy of net): the profiles differ
+        with torch.no_grad():
+            net.weight.mul_(1.5).add_(t)
+        a.update(net, t)
+    assert not torch.equal(a[0.05].weight, a[0.1].weight)
     b = ema.PowerEMA(torch.nn.Linear(2, 2), [0.05, 0.1])
     b.load_state_dict(a.state_dict())
-    assert torch.equal(b[0.1].weight, a[0.1].weight)
+    for s in (0.05, 0.1):   # each profile back in its own place
+        assert torch.equal(b[s].weight, a[s].weight) and torch.equal(b[s].bias, a[s].bias)
+    a.update(net, 6), b.update(net, 6)   # and they go on alike
+    assert all(torch.equal(p, q) for s in (0.05, 0.1) for p, q in zip(a[s].parameters(), b[s].parameters()))

@@ -2,9 +2,11 @@
 import glob
 import json
 import os
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from mini_autoguide import data, evaluate, sweep, train
 
@@ -93,7 +95,16 @@ def test_sweep_resumes_after_interruption(tmp_path, snapshots):
     assert all(p["seeds"] == "0-11" and p["sampler"] == sampler and p["n"] == 12 for p in points)
     assert by[("autoguidance", 1.0)]["pixels_fd"] == pytest.approx(by[("none", 1.0)]["pixels_fd"], rel=1e-9)
     assert by[("autoguidance", 3.0)]["pixels_fd"] != pytest.approx(by[("none", 1.0)]["pixels_fd"], rel=1e-6)
-    assert 0 <= by[("none", 1.0)]["pixels_precision"] <= 1
+    # The stored metrics are those of the point's own samples: recomputed here from scratch.
+    from mini_autoguide import generate, metrics
+    images, _, _ = generate.generate(*generate.load_models(main), seeds=seeds, **sampler)
+    fake = PixelSpace()(evaluate.to_nchw(images))
+    real = PixelSpace()(_toy_images(60, seed=1)[0])
+    p, r = metrics.precision_recall(torch.as_tensor(real, dtype=torch.float32),
+                                    torch.as_tensor(fake, dtype=torch.float32))
+    assert (by[("none", 1.0)]["pixels_precision"], by[("none", 1.0)]["pixels_recall"]) == (p, r)
+    fd = metrics.frechet_distance(*metrics.gaussian_stats(real), *metrics.gaussian_stats(fake))
+    assert by[("none", 1.0)]["pixels_fd"] == pytest.approx(fd, rel=1e-9)
 
     # Finished: a rerun measures nothing; a new weight runs alone; other seeds are new points.
     space = PixelSpace()
@@ -132,7 +143,12 @@ def test_reference_statistics_resume_after_interruption(tmp_path):
     resumed, _ = evaluate._features_resumable(Blocks(), images, str(tmp_path / "ref" / "p"), False, kw["log"], block=5)
     assert np.array_equal(resumed, Blocks()(images))
     # Through reference(): the cache is written, it records its compute time, no partial file is left.
-    ref = evaluate.reference(Blocks(), images, **{**kw, "cache_dir": str(tmp_path / "cache")})
-    assert ref.info["n"] == 23 and ref.info["seconds"] >= 0
+    class SlowBlocks(Blocks):   # a known minimum compute time
+        def __call__(self, images, progress=False):
+            time.sleep(0.4)
+            return super().__call__(images, progress)
+
+    ref = evaluate.reference(SlowBlocks(), images, **{**kw, "cache_dir": str(tmp_path / "cache")})
+    assert ref.info["n"] == 23 and 0.4 <= ref.info["seconds"] < 60
     files = os.listdir(tmp_path / "cache")
     assert len(files) == 1 and files[0].startswith("ref-pixels-test-") and files[0].endswith(".safetensors")
