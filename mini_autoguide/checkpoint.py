@@ -58,23 +58,26 @@ def write_npz(path, compressed=False, **arrays):
 
 def save_model(path, net, kind, config, extra=None):
     """Save net's state as safetensors; kind and config (JSON-able) go in its header."""
+    save_tensors(path, net.state_dict(), kind, config, extra)
+
+
+def save_tensors(path, state, kind, config, extra=None):
+    """save_model for a state dict {name: tensor}."""
     from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config), "extra": json.dumps(extra or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_model(path, kind=None):
-    """Return (state_dict, config, extra) of a file written by save_model."""
+def read_header(path, kind=None):
+    """(config, extra) of a file written by save_model, without reading its tensors."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(path)
     except Exception as e:  # safetensors raises its own error types for bad files
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or foreign): {e}") from None
     if meta.get("format") != FORMAT:
@@ -82,9 +85,20 @@ def read_model(path, kind=None):
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, expected {kind!r}")
     try:
-        return state, json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
+        return json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} has a damaged config header") from None
+
+
+def read_model(path, kind=None):
+    """Return (state_dict, config, extra) of a file written by save_model."""
+    from safetensors.torch import load_file
+    config, extra = read_header(path, kind)
+    try:
+        state = load_file(os.fspath(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or foreign): {e}") from None
+    return state, config, extra
 
 
 def save_state(path, state):

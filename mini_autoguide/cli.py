@@ -26,7 +26,7 @@ class Parser(argparse.ArgumentParser):
 def _families():
     # each: (name, module path) with register(subparsers) inside
     return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image"),
-            ("eval", "mini_autoguide.cli_eval")]
+            ("eval", "mini_autoguide.cli_eval"), ("ema", "mini_autoguide.cli_ema")]
 
 
 def build_parser():
