@@ -3,6 +3,7 @@
     python benchmarks/bench_image.py [--presets fmnist-main fmnist-guide] [--steps 8] [--repeats 3]
     python benchmarks/bench_image.py --conv-profile     # convolution GFLOP and GFLOPS: the fp32 ceiling
     python benchmarks/bench_image.py --inception        # FID's Inception-v3: images/s, NCHW vs channels-last input
+    python benchmarks/bench_image.py --compile --presets tiny   # adds fp32 + channels-last, compiled
 
 Every configuration runs in this one process, interleaved round by round (so a
 change in machine load hits all alike); we report medians over rounds and the
@@ -11,6 +12,8 @@ no autocast. fmnist-main *is* the issue's reference configuration (C = 32,
 mult [1, 2, 2], 2 blocks a level, attention at 8x8, 1 channel, 10 classes,
 batch 64, 1.69 M parameters; the reference implementation trains ~65 img/s on
 2 cores). On a GPU it also measures img64-xs and img64-s (bf16, compiled).
+--compile adds a compiled mode to the CPU modes (not by default: inductor
+compiles C++ for minutes on 2 cores, per preset, for training and sampling).
 Results: benchmarks/results/image_cpu.json (or image_gpu.json) and a table.
 """
 import argparse
@@ -25,13 +28,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide import presets  # noqa: E402
+from mini_autoguide.mp import normalize_weights_  # noqa: E402
+from mini_autoguide.train import wrap  # noqa: E402
 from mini_autoguide.unet import Denoiser, count_parameters  # noqa: E402
 
-MODES = {  # name: (autocast dtype or None, channels_last)
+MODES = {  # name: (autocast dtype or None, channels_last[, compiled])
     "fp32 (baseline)": (None, False),
     "fp32 + channels-last": (None, True),
     "bf16 + channels-last": (torch.bfloat16, True),
 }
+COMPILED = {"fp32 + channels-last, compiled": (None, True, True)}
 
 
 def make(preset, device, channels_last, batch, compile_=False):
@@ -45,7 +51,7 @@ def make(preset, device, channels_last, batch, compile_=False):
     sigma = torch.rand(batch, device=device) * 5 + 0.01
     labels = torch.randint(0, cfg["num_classes"], (batch,), device=device) if cfg["num_classes"] else None
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    model = torch.compile(net) if compile_ else net
+    model = wrap(net, dict(compile=compile_), 1, device)   # as train() compiles it
     return net, model, opt, x, sigma, labels
 
 
@@ -66,7 +72,7 @@ def _timed(step, steps, device):
 
 
 def train_steps(state, dtype, steps):
-    """Seconds per training step (forward, EDM2 loss, backward, Adam)."""
+    """Seconds per training step (forward, EDM2 loss, backward, Adam, weight normalisation)."""
     net, model, opt, x, sigma, labels = state
 
     def step():
@@ -76,6 +82,7 @@ def train_steps(state, dtype, steps):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        normalize_weights_(net)
     net.train()
     return _timed(step, steps, x.device)
 
@@ -93,7 +100,8 @@ def eval_steps(state, dtype, steps):
 
 
 def bench(preset_names, modes, device, batch, steps, repeats, heun_steps, compile_=False):
-    states = {(p, m): make(p, device, modes[m][1], batch, compile_) for p in preset_names for m in modes}
+    states = {(p, m): make(p, device, modes[m][1], batch, compile_ or modes[m][2:] == (True,))
+              for p in preset_names for m in modes}
     train_t = {k: [] for k in states}
     eval_t = {k: [] for k in states}
     for k, s in states.items():  # warm-up: kernel selection, allocator, compilation
@@ -214,6 +222,7 @@ def main():
     ap.add_argument("--conv-profile", action="store_true",
                     help="only print each preset's convolution FLOPs and GFLOPS per layer shape (the fp32 ceiling)")
     ap.add_argument("--inception", action="store_true", help="only measure the FID Inception network's images/s")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd mode on the CPU")
     args = ap.parse_args()
     if args.inception:
         inception_rate()
@@ -223,7 +232,7 @@ def main():
             conv_profile(p, args.batch)
         return
 
-    rows, guided = bench(args.presets, MODES, "cpu", args.batch, args.steps, args.repeats, args.heun_steps)
+    rows, guided = bench(args.presets, {**MODES, **COMPILED} if args.compile else MODES, "cpu", args.batch, args.steps, args.repeats, args.heun_steps)
     result = dict(device="cpu", threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   processor=platform.processor() or platform.machine(), torch=torch.__version__,
                   load_average_at_end=os.getloadavg(), rows=rows, autoguided_sample_img_s=guided,

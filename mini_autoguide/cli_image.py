@@ -41,7 +41,7 @@ def register(sub):
                         "(GPU, CPU with AVX-512 BF16/AMX), else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (GPU; refused on CPU, where its gradients are wrong: docs/image.md)")
+                   help="torch.compile the network: faster steps after a compilation (minutes on a CPU)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (file datasets)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

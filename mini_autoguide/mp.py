@@ -58,9 +58,9 @@ class MPFourier(torch.nn.Module):
 class MPConv(torch.nn.Module):
     """MP linear (kernel=()) or 2D convolution (kernel=(k, k)) without bias.
 
-    Each output unit's weight row is used at unit norm divided by sqrt(fan_in)
-    and, while training, the stored weight is re-normalised in place first
-    ("forced weight normalisation"), so the optimizer cannot inflate it.
+    Each output unit's weight row is used at unit norm divided by sqrt(fan_in).
+    The forward pass only reads the stored weight: training keeps it at unit
+    RMS with normalize_weights_ after each optimizer step.
     """
 
     def __init__(self, in_channels, out_channels, kernel=()):
@@ -69,8 +69,7 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def effective_weight(self, gain=1, dtype=torch.float32):
-        """The weight as used: rows at unit norm / sqrt(fan_in), times gain.
-        While training, also re-normalises the stored weight in place."""
+        """The weight as used: rows at unit norm / sqrt(fan_in), times gain."""
         return effective_weights([self], gain, dtype)[0]
 
     def forward(self, x, gain=1):
@@ -84,13 +83,26 @@ def effective_weights(layers, gain=1, dtype=torch.float32):
     """MPConv.effective_weight of several layers of one shape, stacked:
     [len(layers), out, in, ...]. The same numbers as one layer at a time, in a
     few ops for all (for the toy MLP, whose small ops cost more than its math)."""
-    def stacked():   # one layer: a view, so that a channels-last weight stays channels-last
-        return layers[0].weight[None] if len(layers) == 1 else torch.stack([layer.weight for layer in layers])
-    real = torch.promote_types(layers[0].weight.dtype, torch.float32)
-    rows = list(range(2, layers[0].weight.ndim + 1))   # each layer's rows: all but its dim 0
-    if layers[0].training:   # first, so that what follows normalises the stored rows
-        with torch.no_grad():
-            for layer, normed in zip(layers, normalize(stacked().to(real), rows)):
-                layer.weight.copy_(normed)
-    w = normalize(stacked().to(real), rows) * (gain / math.sqrt(layers[0].weight[0].numel()))
-    return w.to(dtype)
+    # one layer: a view, so that a channels-last weight stays channels-last
+    w = layers[0].weight[None] if len(layers) == 1 else torch.stack([layer.weight for layer in layers])
+    return (_unit_rows(w) * (gain / math.sqrt(layers[0].weight[0].numel()))).to(dtype)
+
+
+def _unit_rows(w):
+    """Stacked weights [L, out, in, ...] with each layer's rows at unit RMS, in at least float32."""
+    return normalize(w.to(torch.promote_types(w.dtype, torch.float32)), list(range(2, w.ndim)))
+
+
+@torch.no_grad()
+def normalize_weights_(net):
+    """Forced weight normalisation (EDM2, arXiv 2312.02696, Sec. 2.3): every
+    MPConv's stored weight rows re-normalised in place, to RMS 1 / (1 + eps)
+    of `normalize`. Training calls it once before the first step and after
+    each optimizer step: Adam's updates, orthogonal to the rows on average,
+    would otherwise grow their norm and so shrink the effective learning rate.
+    EDM2 does it at the start of each training forward pass; done here, the
+    forward pass is a pure function of the parameters, as graph compilers
+    want (torch 2.13's inductor failed on the in-place write in the graph)."""
+    for layer in net.modules():
+        if isinstance(layer, MPConv):
+            layer.weight.copy_(_unit_rows(layer.weight[None])[0])   # as the forward pass computes it

@@ -21,6 +21,7 @@ from . import data as data_mod
 from . import edm, presets
 from .checkpoint import CheckpointError, load_state, save_model, save_state, write_json
 from .ema import PowerEMA
+from .mp import normalize_weights_
 from .unet import Denoiser, count_parameters
 
 KIND = "denoiser"
@@ -85,11 +86,6 @@ def _check_precision(opts, device):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {opts['precision']!r}")
     if opts["precision"] == "fp16" and device.type != "cuda":
         raise ValueError("fp16 with loss scaling needs a GPU; use --precision bf16 on CPU")
-    if opts["compile"] and device.type == "cpu":
-        # tests/test_train_image.py::test_compiled_gradients_match_eager: on CPU (torch 2.13, inductor)
-        # the compiled backward gives gradients that differ from eager's, which match finite differences
-        raise ValueError("--compile is refused on CPU: the compiled backward's gradients disagree with eager "
-                         "autograd here (see docs/image.md); train on CPU without it")
 
 
 def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
@@ -110,27 +106,15 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
     net_cfg = presets.net_config(preset, resolution=dataset.resolution, img_channels=dataset.channels,
                                  num_classes=classes)
     opts.update(net=net_cfg, num_images=len(dataset), data=str(data) if isinstance(data, (str, os.PathLike)) else None)
-    torch.manual_seed(opts["seed"])  # the initial weights
-    net = Denoiser(net_cfg).to(device).train()
-    ema = PowerEMA(net, opts["ema"])
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
-    scaler = torch.amp.GradScaler("cuda") if opts["precision"] == "fp16" else None
+    net, ema, optimizer, scaler = make_trainer(opts, net_cfg, device)
     start_step = _resume_or_start(out, opts, net, ema, optimizer, scaler, force, rank, log)
-
-    if opts["channels_last"]:
-        net.to(memory_format=torch.channels_last)
-    model = net
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    if opts["compile"]:
-        model = torch.compile(model)
+    model = wrap(net, opts, world, device)
 
     # --- Loop -------------------------------------------------------------------------------
     batch, local = opts["batch"], opts["batch"] // world
     total_steps = math.ceil(opts["kimg"] * 1000 / batch)
     stop_step = total_steps if opts["max_steps"] is None else min(total_steps, start_step + opts["max_steps"])
     snap_img, ckpt_img = round(opts["snapshot_kimg"] * 1000), round(opts["checkpoint_kimg"] * 1000)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["precision"])
     log(f"training {preset}: {count_parameters(net):,} parameters, {len(dataset):,} images "
         f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {classes} classes, batch {batch} "
         f"on {world} x {device.type}, {opts['precision']}, steps {start_step} -> {total_steps}")
@@ -139,30 +123,9 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
     t0, loss_sum, loss_n, last_loss = time.time(), 0.0, 0, float("nan")
     for step in range(start_step, stop_step):
         _, images, labels = next(stream)
-        y, labels = data_mod.to_model(images.to(device)), labels.to(device)
-        sigma, noise, keep, flip = _step_randomness(opts, step, y.shape[1:], device, rank * local, local)
-        y = torch.where(flip[:, None, None, None], y.flip(3), y)
-        onehot = torch.nn.functional.one_hot(labels, classes).float() * keep[:, None] if classes else None
-        x = y + edm.expand(sigma, y) * noise
-        if opts["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, batch, opts["lr_ref"], opts["lr_tref"], opts["rampup_kimg"] * 1000)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            denoised, logvar = model(x, sigma, onehot, return_logvar=True)
-        loss = edm.denoising_loss(denoised.float(), y, sigma, logvar)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        for p in net.parameters():  # EDM2: NaN gradients zeroed (a bad step skips, it does not poison Adam)
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-        scaler.step(optimizer) if scaler else optimizer.step()
-        if scaler:
-            scaler.update()
-        ema.update(net, step + 1)
-
-        last_loss = _mean_over_ranks(loss.detach(), world)
+        y = data_mod.to_model(images.to(device))
+        loss = train_step(net, model, ema, optimizer, scaler, opts, step, y, labels.to(device), rank * local)
+        last_loss = _mean_over_ranks(loss, world)
         if not math.isfinite(last_loss):
             bar and bar.close()
             raise TrainingDiverged(f"loss became {last_loss} at step {step} ({step * batch:,} images); stopped "
@@ -194,6 +157,70 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
     seconds = time.time() - t0
     return dict(steps=stop_step, start_step=start_step, seconds=seconds, loss=last_loss,
                 img_per_s=(stop_step - start_step) * batch / max(seconds, 1e-9), net=net, ema=ema)
+
+
+def make_trainer(opts, net_cfg, device):
+    """A fresh network (train mode, its memory layout, weights normalised), its EMA, Adam, and fp16's loss scaler (else None)."""
+    torch.manual_seed(opts["seed"])  # the initial weights
+    net = Denoiser(net_cfg).to(device).train()
+    if opts["channels_last"]:
+        net.to(memory_format=torch.channels_last)
+    normalize_weights_(net)  # before the EMA copies, so that they start equal to the network
+    ema = PowerEMA(net, opts["ema"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type) if opts["precision"] == "fp16" else None
+    return net, ema, optimizer, scaler
+
+
+def wrap(net, opts, world, device):
+    """The module that training calls: net, under DDP and torch.compile if asked."""
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if opts["compile"]:
+        # Without inductor's layout optimisation (re-laying an NCHW convolution graph out channels-last
+        # by itself): in torch 2.13 on CPU it gave wrong gradients for the NCHW network (whole attention
+        # weights at zero; found with torch._inductor.compiler_bisector). The layout is ours to choose.
+        model = torch.compile(model, options={"layout_optimization": False})
+    return model
+
+
+def train_step(net, model, ema, optimizer, scaler, opts, step, y, labels, first=0):
+    """One training step on clean images y [B, C, H, W] in [-1, 1] and int labels [B]: this process's
+    rows [first, first + B) of the global batch of `step` (0-based). Draws the step's randomness, runs
+    the EDM2 loss through `model` (net, or its DDP / compiled wrapper), backward, zeroes NaN gradients,
+    steps Adam (through the loss scaler for fp16), updates the EMA and re-normalises the weights.
+    Returns the loss, detached (a 0-dim tensor)."""
+    device, local = y.device, y.shape[0]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["precision"])
+    sigma, noise, keep, flip = _step_randomness(opts, step, y.shape[1:], device, first, local)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    classes = net.num_classes if opts["cond"] else 0
+    onehot = torch.nn.functional.one_hot(labels, classes).float() * keep[:, None] if classes else None
+    x = y + edm.expand(sigma, y) * noise
+    if opts["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, opts["batch"], opts["lr_ref"], opts["lr_tref"], opts["rampup_kimg"] * 1000)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        denoised, logvar = model(x, sigma, onehot, return_logvar=True)
+    loss = edm.denoising_loss(denoised.float(), y, sigma, logvar)
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    for p in net.parameters():  # EDM2: NaN gradients zeroed (a bad step skips, it does not poison Adam)
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+    scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()
+    # The EMA averages the weights as Adam left them, and only then are they re-normalised: the order
+    # of EDM2's normalisation at the start of the next forward pass, so the EMA and every forward
+    # pass get the same numbers as there. The checkpoint then holds the normalised weights that the
+    # next step starts from, so a resumed run continues bit for bit.
+    ema.update(net, step + 1)
+    normalize_weights_(net)
+    return loss.detach()
 
 
 def _step_randomness(opts, step, shape, device, start, count):

@@ -51,7 +51,7 @@ def score_path(request, monkeypatch):
 @pytest.mark.parametrize("width,depth,n", [(16, 4, 40), (8, 1, 40), (8, 0, 40), (64, 2, 71)])
 def test_written_out_score_and_its_weight_gradients_equal_autograd_in_float64(score_path, width, depth, n):
     torch.manual_seed(width + depth)
-    net = ToyMLP(width, depth).double().eval()   # eval: no in-place weight renormalisation between the calls
+    net = ToyMLP(width, depth).double().eval()
     with torch.no_grad():
         net.gain.fill_(0.7)
     x = torch.randn(n, 2, dtype=torch.float64)   # n = 71: two full tiles of 32 points and an odd rest

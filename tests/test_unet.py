@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mini_autoguide import presets
-from mini_autoguide.mp import MPConv, effective_weights
+from mini_autoguide.mp import MPConv, effective_weights, normalize_weights_
 from mini_autoguide.unet import Block, build, count_parameters
 
 from image_helpers import tiny_net
@@ -38,8 +38,8 @@ def test_mp_conv_keeps_unit_variance_at_init(kernel):
     x = torch.randn(32, 64, 16, 16) if kernel else torch.randn(4096, 64)
     y = layer(x)
     assert abs(y.std().item() - 1) < 0.05
-    # forced weight normalisation: in training mode the stored rows end at unit RMS
-    layer.train()(x)
+    # forced weight normalisation is normalize_weights_'s: the stored rows end at unit RMS
+    normalize_weights_(layer)
     rms = layer.weight.flatten(1).square().mean(1).sqrt()
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
 
@@ -56,7 +56,7 @@ def test_effective_weights_of_several_layers_equal_one_at_a_time(kernel):
     assert torch.allclose(a, b, rtol=1e-14, atol=0)
     probe = torch.randn_like(a)
     (a * probe).sum().backward(), (b * probe).sum().backward()
-    for p, q in zip(one, many):   # the stored weights renormalised in place, and the same gradients
+    for p, q in zip(one, many):   # the stored weights untouched, and the same gradients
         assert torch.allclose(p.weight, q.weight, rtol=1e-14, atol=0)
         assert torch.allclose(p.weight.grad, q.weight.grad, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(one[0].weight.grad, torch.zeros_like(one[0].weight))

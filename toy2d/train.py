@@ -14,6 +14,7 @@ import torch
 
 from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
 from mini_autoguide.ema import PowerEMA
+from mini_autoguide.mp import normalize_weights_
 
 from . import kernel
 from .fractal import CLASSES, gmm as make_gmm
@@ -107,6 +108,7 @@ def train(config, progress=False, callback=None, chunk=16):
     with _SEEDING:   # the initial weights come from torch's global generator: one thread at a time
         torch.manual_seed(config.seed)
         net = ToyMLP(config.width, config.depth).train()
+    normalize_weights_(net)   # before the EMA copy, so that it starts equal to the network
     gen = torch.Generator().manual_seed(config.seed)
     target = make_gmm(config.classes)
     ema = PowerEMA(net, [config.ema_sigma_rel])
@@ -136,7 +138,8 @@ def train(config, progress=False, callback=None, chunk=16):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema.update(net, t)
+            ema.update(net, t)   # the weights as Adam left them; then forced weight normalisation, as for images
+            normalize_weights_(net)
             losses.append(loss.item())
             if callback is not None:
                 callback(t, ema.nets[0])
