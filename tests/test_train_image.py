@@ -1,15 +1,23 @@
-"""Training: loss goes down, exact resume, 2-process DDP = 1 process, divergence stops cleanly, CLI errors."""
+"""Training: loss goes down, exact resume (after a SIGKILL too), 2-process DDP = 1 process with Adam and SGD,
+divergence stops cleanly, CLI errors."""
+import json
 import os
+import random
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from mini_autoguide import cli, edm, presets
 from mini_autoguide import train as train_mod
 from mini_autoguide.checkpoint import load_state
 
-from image_helpers import tiny_dataset
+from image_helpers import REORDERED_F32_ULPS, assert_close_up_to_reordering, tiny_dataset
 
 FAST = dict(precision="fp32", channels_last=False, progress=False, log=lambda *a: None, batch=8,
             lr_ref=0.02, lr_tref=1000, rampup_kimg=0)
@@ -61,6 +69,69 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert snaps == sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("network-0"))
 
 
+KILLABLE_RUN = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from image_helpers import tiny_dataset
+from mini_autoguide import train
+train.train(tiny_dataset(), {out!r}, "tiny", kimg=0.8, checkpoint_kimg=0.08, snapshot_kimg=0.16, ema=[0.05, 0.1],
+            label_dropout=0.2, xflip=True, precision="fp32", channels_last=False, progress=False, batch=8,
+            lr_ref=0.02, lr_tref=1000, rampup_kimg=0)
+"""   # 100 steps, a checkpoint every 10
+
+
+def _killable(out):
+    code = KILLABLE_RUN.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_between_checkpoints_is_bit_identical(tmp_path):
+    # The uninterrupted run, and how long its steps take.
+    full = _killable(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    seconds_per_step = log[-1]["seconds"] / log[-1]["step"]
+    # The same run, killed at a random moment after its first checkpoint, well before its end.
+    delay = random.Random().uniform(0, 50 * seconds_per_step)
+    run = _killable(tmp_path / "killed")
+    while not (tmp_path / "killed" / "state.pt").exists():
+        assert run.poll() is None, run.stderr.read()
+        time.sleep(0.005)
+    time.sleep(delay)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    step = load_state(tmp_path / "killed" / "state.pt")["step"]
+    assert step % 10 == 0 and step < 100, (step, delay)
+    # Resumed by a fresh process: it ends where the uninterrupted run ended, bit for bit.
+    rest = _killable(tmp_path / "killed")
+    assert rest.wait(timeout=600) == 0, rest.stderr.read()
+    a, b = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "killed" / "state.pt")
+    assert a["step"] == b["step"] == 100
+    for part in ("net", "ema", "optimizer"):
+        assert _flat(a[part]) and _flat(a[part]).keys() == _flat(b[part]).keys()
+        for key, value in _flat(a[part]).items():
+            other = _flat(b[part])[key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (part, key, delay)
+    snapshots = sorted(f for f in os.listdir(tmp_path / "full") if f.startswith("network-"))
+    assert len(snapshots) == 2 * 5 + 2   # every 0.16 kimg (the end among them), two EMA profiles, and "latest"
+    assert snapshots == sorted(f for f in os.listdir(tmp_path / "killed") if f.startswith("network-"))
+    for name in snapshots:   # the same header and tensors (not bytes: the header's key order is arbitrary)
+        with safe_open(tmp_path / "full" / name, "pt") as a, safe_open(tmp_path / "killed" / name, "pt") as b:
+            assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys()), name
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), name
+
+
+def _flat(tree, prefix=""):
+    """A nested state dict as {"a.b.c": leaf}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
 def test_resume_refuses_different_run_defining_options(tmp_path):
     ds = tiny_dataset()
     train_mod.train(ds, str(tmp_path / "a"), "tiny", kimg=0.016, **FAST)
@@ -74,26 +145,45 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out):
+def _sgd_instead_of_adam(params, lr=0.0, **adam_options):
+    """Plain SGD where train() builds Adam: Adam divides each gradient by its own running scale, so
+    it cannot tell a sum of the ranks' gradients from their mean; SGD steps grow with the gradient."""
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _ddp_worker(rank, world, port, out, optimizer):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if optimizer == "sgd":
+        torch.optim.Adam = _sgd_instead_of_adam   # this spawned process only
     try:
-        train_mod.train(tiny_dataset(), out, "tiny", kimg=0.064, **FAST)
+        result = train_mod.train(tiny_dataset(), out, "tiny", kimg=0.064, **FAST)
+        torch.save(result["net"].state_dict(), os.path.join(out, f"rank{rank}.pt"))  # every rank's own weights
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_ddp_matches_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_two_process_gloo_ddp_matches_one_process_with_the_whole_batch(tmp_path, monkeypatch, optimizer):
     # Each of 2 processes takes half of the global batch of 8; DDP averages their gradients, which
     # is the gradient of the mean loss over all 8. The per-step noise is drawn for the global batch,
-    # so both runs see identical inputs. Equal up to float summation order.
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2)
+    # so both runs see identical inputs. Equal up to float32 summation order.
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), optimizer), nprocs=2)
+    if optimizer == "sgd":
+        monkeypatch.setattr(torch.optim, "Adam", _sgd_instead_of_adam)
+    torch.manual_seed(0)
+    initial = train_mod.Denoiser(presets.net_config("tiny")).state_dict()
     single = train_mod.train(tiny_dataset(), str(tmp_path / "one"), "tiny", kimg=0.064, **FAST)
-    ddp = load_state(tmp_path / "ddp" / "state.pt")
-    assert ddp["step"] == 8
+    assert load_state(tmp_path / "ddp" / "state.pt")["step"] == 8
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    moved = 0
     for name, p in single["net"].state_dict().items():
-        assert torch.allclose(ddp["net"][name], p, rtol=1e-4, atol=1e-5), name
+        for rank in ranks:
+            assert_close_up_to_reordering(rank[name], p)
+        # a mistake in the gradient's averaging (a sum: twice the step) would move far more than that
+        moved = max(moved, float((p - initial[name]).abs().max() / p.abs().max().clamp(min=1e-30)))
+    assert moved > 100 * REORDERED_F32_ULPS * torch.finfo(torch.float32).eps
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
@@ -112,7 +202,10 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
         train_mod.train(ds, str(out), "tiny", kimg=0.08, checkpoint_kimg=0.016, **FAST)  # checkpoint every 2
     state = load_state(out / "state.pt")
     assert state["step"] == 2
-    assert all(torch.isfinite(v).all() for v in state["net"].values())
+    monkeypatch.undo()   # the checkpoint holds the weights of a clean run's step 2, untouched by the NaN
+    clean = train_mod.train(ds, str(tmp_path / "clean"), "tiny", kimg=0.08, checkpoint_kimg=0.016, max_steps=2, **FAST)
+    for name, value in clean["net"].state_dict().items():
+        assert torch.equal(state["net"][name], value), name
 
 
 def run_cli(argv, capsys):
