@@ -14,7 +14,8 @@ batch 64, 1.69 M parameters; the reference implementation trains ~65 img/s on
 2 cores). On a GPU it also measures img64-xs and img64-s (bf16, compiled).
 --compile adds a compiled mode to the CPU modes (not by default: inductor
 compiles C++ for minutes on 2 cores, per preset, for training and sampling).
-Results: benchmarks/results/image_cpu.json (or image_gpu.json) and a table.
+Results: benchmarks/results/image_cpu.json (or image_gpu_modes.json) and a table.
+benchmarks/gpu_check.sh is the fuller GPU check (fp16, eager and compiled, loss health, agreement).
 """
 import argparse
 import json
@@ -249,7 +250,7 @@ def main():
         for r in rows:
             r["train_speedup"] = r["sample_speedup"] = float("nan")
         print(table(rows, guided, args.heun_steps))
-        with open(os.path.join(args.out, "image_gpu.json"), "w") as f:
+        with open(os.path.join(args.out, "image_gpu_modes.json"), "w") as f:   # image_gpu.json: gpu_check.sh
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, autoguided_sample_img_s=guided), f,
                       indent=2)
     else:

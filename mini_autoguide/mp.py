@@ -1,4 +1,4 @@
-"""Magnitude-preserving (MP) building blocks of EDM2 (facts file, section 4).
+"""Magnitude-preserving (MP) building blocks of EDM2 (arXiv 2312.02696, Sec. 2).
 
 Every layer keeps unit-variance inputs at unit variance: weight rows are used
 at unit norm, activations and sums are rescaled. No biases anywhere.

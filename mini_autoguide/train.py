@@ -1,9 +1,10 @@
-"""Training an image denoiser the EDM2 way (facts, section 4).
+"""Training an image denoiser the EDM2 way (EDM2, arXiv 2312.02696).
 
-One function, train(), read top to bottom: set up (devices, DDP, data, model,
-EMA, optimizer, resume), then the loop: EDM2 loss with learned uncertainty,
-learning-rate schedule alpha_ref / sqrt(max(t / t_ref, 1)) with linear
-warm-up, Adam(0.9, 0.99), power-function EMA, snapshots and checkpoints.
+train() reads top to bottom: set up (devices, DDP, data, model, EMA,
+optimizer, resume), then the loop, snapshots and checkpoints. Its step is
+train_step (also what benchmarks/gpu_check.py times): EDM2 loss with learned
+uncertainty, learning-rate schedule alpha_ref / sqrt(max(t / t_ref, 1)) with
+linear warm-up, Adam(0.9, 0.99), power-function EMA, forced weight normalisation.
 
 Every random draw of a step (noise levels, noise, label dropout, flips) comes
 from a generator seeded by (seed, step) for the *global* batch; each rank
