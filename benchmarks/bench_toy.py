@@ -1,16 +1,15 @@
-"""Toy benchmarks: exact score, training iteration, whole reproduction.
+"""Toy benchmarks: exact score, model score, training iteration, whole reproduction.
 
 Prints medians and ratios against a straightforward baseline run in the same
 process, and writes benchmarks/results/toy_cpu.json.
 
-    python benchmarks/bench_toy.py            # score + training iteration (~1 min)
+    python benchmarks/bench_toy.py            # scores + training iteration (~2 min)
     python benchmarks/bench_toy.py --full     # + the whole reproduction at the paper's settings
 
-The exact score is timed twice: the fused C kernel (float32 on the CPU, the
-default where a C compiler exists) and fractal.py's torch code (its fallback).
+The exact score is timed in float32 (the fast path training uses) and float64
+(the reference), with float32's error against float64.
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -25,6 +24,15 @@ import toy2d  # noqa: E402
 from mini_autoguide.edm import exact_score_loss, sample_sigma  # noqa: E402
 from toy2d.model import ToyMLP  # noqa: E402
 from toy2d.train import ToyConfig, train  # noqa: E402
+
+
+def machine():
+    """CPU model, cores and the widest vector ISA torch uses (AVX2, AVX512, ...)."""
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def median_ms(fn, repeats=15, warmup=3):
@@ -51,20 +59,13 @@ def baseline_score(g, x, sigma):
     return torch.autograd.grad(logp.sum(), x)[0]
 
 
-@contextlib.contextmanager
-def model_score(path):
-    """Within: ToyMLP.score runs as `path` says: "kernel" (the default: the C
-    kernel), "torch" (the same formulas in torch ops) or "autograd" (autograd's
-    double backward of logp, the reference)."""
-    written, load_mlp = ToyMLP.score, toy2d.kernel.load_mlp
-    if path != "kernel":
-        toy2d.kernel.load_mlp = lambda *args: None
-    if path == "autograd":
-        ToyMLP.score = lambda self, x, sigma: self.score_autograd(x, sigma)
-    try:
-        yield
-    finally:
-        ToyMLP.score, toy2d.kernel.load_mlp = written, load_mlp
+def naive_model_score(net, x, sigma, n=256):
+    """The straightforward loop: autograd one point at a time, over the first n points.
+    Returns ms per point."""
+    t = time.perf_counter()
+    for i in range(n):
+        net.score(x[i:i + 1], sigma[i:i + 1])
+    return (time.perf_counter() - t) / n * 1e3
 
 
 def main():
@@ -78,45 +79,43 @@ def main():
     n = 4096
     x = g.sample(n, generator=gen) + 0.05 * torch.randn(n, 2, generator=gen)
     sigma = sample_sigma(n, -2.3, 1.5, generator=gen)
-    res = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               torch=torch.__version__, threads=torch.get_num_threads())
+    res = dict(machine=machine(), torch=torch.__version__, threads=torch.get_num_threads())
+    print(f"machine: {res['machine']}, torch {res['torch']}, {res['threads']} threads")
 
     # ---- exact score ---------------------------------------------------------
     s64 = g.score(x.double(), sigma.double())
-    paths = {}
-    for path, off in (("kernel", ""), ("torch", "1")):  # the fused C kernel, then fractal.py's torch code
-        os.environ["MINI_AUTOGUIDE_NO_KERNEL"] = off
-        if path == "kernel" and toy2d.kernel.load() is None:
-            print("exact score: no C compiler, the kernel is not timed")
-            continue
-        ms = median_ms(lambda: g.score(x, sigma), repeats=30)
-        err = float(((g.score(x, sigma).double() - s64) * sigma.double()[:, None]).abs().max())
-        paths[path] = dict(ms=ms, max_err_sigma_times_score_vs_float64=err)
-    os.environ.pop("MINI_AUTOGUIDE_NO_KERNEL")
+    ms32 = median_ms(lambda: g.score(x, sigma), repeats=30)
+    ms64 = median_ms(lambda: g.score(x.double(), sigma.double()), repeats=15)
+    err = float(((g.score(x, sigma).double() - s64) * sigma.double()[:, None]).abs().max())
     base = median_ms(lambda: baseline_score(g, x, sigma), repeats=5, warmup=1)
-    res["exact_score"] = dict(points=n, components=len(g), baseline_ms=base, **{
-        f"{k}_{path}": v for path, r in paths.items() for k, v in r.items()})
-    for path, r in paths.items():
-        print(f"exact score ({path}), {n} points x {len(g)} components, mixed sigma, float32: {r['ms']:.1f} ms "
-              f"(baseline {base:.0f} ms, {base / r['ms']:.0f}x); "
-              f"max |sigma (s32 - s64)| = {r['max_err_sigma_times_score_vs_float64']:.1e}")
+    res["exact_score"] = dict(points=n, components=len(g), float32_ms=ms32, float64_ms=ms64, baseline_ms=base,
+                              max_err_sigma_times_score_float32_vs_float64=err)
+    print(f"exact score, {n} points x {len(g)} components, mixed sigma: float32 {ms32:.1f} ms, "
+          f"float64 {ms64:.1f} ms ({ms64 / ms32:.1f}x float32); baseline (per-component Gaussians + autograd, "
+          f"float32) {base:.0f} ms ({base / ms32:.0f}x float32); max |sigma (s32 - s64)| = {err:.1e}")
+
+    # ---- the model's score (sampling: no graph) ------------------------------
+    net = ToyMLP(64).eval().requires_grad_(False)
+    with torch.no_grad():
+        net.gain.fill_(0.5)
+        ms = median_ms(lambda: net.score(x, sigma), repeats=15)
+        per_point = naive_model_score(net, x, sigma)
+    res["model_score_width64"] = dict(points=n, ms=ms, naive_loop_ms=per_point * n)
+    print(f"model score by autograd, width 64, {n} points: {ms:.1f} ms (a loop over points: "
+          f"{per_point * n:.0f} ms, {per_point * n / ms:.0f}x)")
 
     # ---- one training iteration ----------------------------------------------
-    # train() itself, per iteration: sampling, exact targets (16 iterations a kernel
-    # call, drawn ahead in the background where the kernels serve), the model's score and its weight gradient, Adam, EMA. The model's score
-    # three ways, interleaved: the C kernel (ours), the same formulas in torch ops,
-    # and autograd's double backward; and a step with the baseline exact score.
-    paths = ("kernel", "torch", "autograd")
+    # train() itself, per iteration: sampling, the exact target (float32), the
+    # model's score by autograd with its graph, the loss's weight gradient
+    # (double backward), Adam, EMA; against a step with the baseline exact target.
     for width in (64, 32):
-        config = ToyConfig(width=width, iterations=96, batch=n)   # 6 chunks of targets: the first is not hidden
-        runs = {path: [] for path in paths}
-        for r in range(5):
-            for path in paths[r % 3:] + paths[:r % 3]:
-                with model_score(path):
-                    t = time.perf_counter()
-                    train(config)
-                    runs[path].append((time.perf_counter() - t) / config.iterations * 1e3)
-        it, it_torch, it_autograd = (float(np.median(runs[k])) for k in paths)
+        config = ToyConfig(width=width, iterations=48, batch=n)
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            train(config)
+            runs.append((time.perf_counter() - t) / config.iterations * 1e3)
+        it = float(np.median(runs))
         net = ToyMLP(width).train()
         opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99))
 
@@ -129,12 +128,9 @@ def main():
             loss.backward()
             opt.step()
         it_base = median_ms(baseline_step, repeats=5, warmup=1)
-        res[f"train_iteration_width{width}"] = dict(
-            batch=n, ms=it, torch_model_score_ms=it_torch, autograd_model_score_ms=it_autograd,
-            baseline_target_ms=it_base, speedup=it_base / it)
-        print(f"training iteration, width {width}, batch {n}: {it:.1f} ms (the network in torch ops: "
-              f"{it_torch:.1f} ms, {it_torch / it:.2f}x; with autograd's double backward: {it_autograd:.1f} ms, "
-              f"{it_autograd / it:.2f}x; a step with the baseline exact score: {it_base:.0f} ms, {it_base / it:.1f}x)")
+        res[f"train_iteration_width{width}"] = dict(batch=n, ms=it, baseline_target_ms=it_base, speedup=it_base / it)
+        print(f"training iteration, width {width}, batch {n}: {it:.1f} ms "
+              f"(a step with the baseline exact target: {it_base:.0f} ms, {it_base / it:.1f}x)")
 
     # ---- the whole reproduction ----------------------------------------------
     if args.full:
@@ -151,13 +147,8 @@ def main():
               + ")")
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    old = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            old = json.load(f)
-    old.update(res)
     with open(args.out, "w") as f:
-        json.dump(old, f, indent=2)
+        json.dump(res, f, indent=2)
     print(f"wrote {args.out}")
 
 

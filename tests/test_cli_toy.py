@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -63,6 +64,51 @@ def test_reproduce_fast_end_to_end(reproduced):
     # truncation removes outliers but loses coverage: the trade-off shows even in fast mode
     assert report["methods"]["truncation"]["outliers"] < report["methods"]["none"]["outliers"]
     assert report["methods"]["truncation"]["recall"] < report["methods"]["none"]["recall"]
+
+
+def _numbers(obj):
+    """Every number in a metrics.json, in order, except the wall-clock seconds."""
+    if isinstance(obj, dict):
+        return [v for k, x in obj.items() if k != "seconds" for v in _numbers(x)]
+    if isinstance(obj, list):
+        return [v for x in obj for v in _numbers(x)]
+    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def test_reproduce_is_deterministic_per_seed_in_small(tmp_path):
+    """reproduce() at tiny settings (a few seconds): the default run's check of what
+    the slow test below checks on `toy reproduce --fast`."""
+    from toy2d.reproduce import Settings, reproduce
+
+    def tiny(seed):
+        s = Settings.fast(seed)
+        s.main, s.guide, s.uncond = (replace(c, iterations=16, batch=256) for c in (s.main, s.guide, s.uncond))
+        s.samples, s.steps, s.sweep = 512, 4, dict(autoguidance=[1.0, 2.0])
+        return s
+    reports = [reproduce(tmp_path / name, tiny(seed), figures=False, log=lambda *a: None)
+               for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    assert _numbers(reports[0]) == _numbers(reports[1]) and _numbers(reports[0]) != _numbers(reports[2])
+    for name in METHODS:
+        x, y, z = (np.load(tmp_path / d / "samples" / f"{name}.npz")["x"] for d in "abc")
+        assert np.array_equal(x, y) and not np.array_equal(x, z)
+
+
+@pytest.mark.slow
+def test_reproduce_is_deterministic_per_seed(reproduced, tmp_path):
+    """Same seed: the same bits in every metric and sample; another seed: different ones."""
+    out, _ = reproduced
+    runs = {}
+    for name, seed in (("again", "0"), ("other", "1")):
+        r = run("toy", "reproduce", "--fast", "--quiet", "--no-figures", "--seed", seed,
+                "--outdir", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        runs[name] = tmp_path / name
+    first, again, other = (json.loads((d / "metrics.json").read_text()) for d in (out, runs["again"], runs["other"]))
+    assert _numbers(first) == _numbers(again) and len(_numbers(first)) > 50
+    assert _numbers(first["methods"]) != _numbers(other["methods"])
+    for name in METHODS:
+        x, y, z = (np.load(d / "samples" / f"{name}.npz")["x"] for d in (out, runs["again"], runs["other"]))
+        assert np.array_equal(x, y) and not np.array_equal(x, z)
 
 
 def test_reproduce_refuses_to_overwrite(reproduced):

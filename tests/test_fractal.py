@@ -83,23 +83,17 @@ def test_denoiser_is_x_plus_sigma2_score():
     assert torch.allclose(g.denoise(x, 0.3), x + 0.09 * g.score(x, 0.3))
 
 
-@pytest.fixture(params=["C kernel", "torch"])
-def float32_path(request, monkeypatch):
-    """float32 on the CPU runs the fused C kernel; the torch code is its fallback."""
-    from toy2d import kernel
-    calls = []
-    if request.param == "torch":
-        monkeypatch.setenv("MINI_AUTOGUIDE_NO_KERNEL", "1")
-    elif kernel.load() is None:
-        pytest.skip("no C compiler: the kernel cannot be built here")
-    real = kernel.score
-    monkeypatch.setattr(kernel, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return request.param, calls
-
-
 @pytest.mark.parametrize("classes", ["A", "AB", "ungrouped"])
-def test_float32_agrees_with_float64(float32_path, classes):
-    """Error in units of sigma * score (what the training loss weights), over mixed sigma."""
+def test_float32_agrees_with_float64(classes):
+    """Error in units of sigma * score (what the training loss weights), over mixed sigma.
+
+    The bound comes from float32 arithmetic, not from a measurement: the logits
+    that matter (within 80 of the peak) are sums of terms below 2^6 in size
+    (log-weights, log-determinants, quadratic forms), each after at most 2^3
+    roundings of relative size eps; so each logit, and log p, carries at most
+    2^9 eps of absolute error, and sigma * score, a responsibility-weighted mean
+    of O(1) terms, at most about as much. Twice that: 2^10 eps = 1.2e-4."""
+    tol = 2 ** 10 * torch.finfo(torch.float32).eps
     if classes == "ungrouped":  # components that share no covariance: groups of one
         phi, mu, cov, _, _ = toy2d.fractal.tree()
         g = GMM(phi[:300], mu[:300], cov[:300] * np.linspace(0.5, 2, 300)[:, None, None])
@@ -112,12 +106,10 @@ def test_float32_agrees_with_float64(float32_path, classes):
     s64 = g.score(x, sigma)
     s32 = g.score(x.float(), sigma.float())
     assert s32.dtype == torch.float32 and s32.shape == (4096, 2)
-    assert ((s32.double() - s64) * sigma[:, None]).abs().max() < 1e-4
-    assert (g.logp(x.float(), sigma.float()).double() - g.logp(x, sigma)).abs().max() < 1e-4
-    assert (g.logp(x.float(), 0.3).double() - g.logp(x, 0.3)).abs().max() < 1e-4   # scalar sigma
+    assert ((s32.double() - s64) * sigma[:, None]).abs().max() < tol
+    assert (g.logp(x.float(), sigma.float()).double() - g.logp(x, sigma)).abs().max() < tol
+    assert (g.logp(x.float(), 0.3).double() - g.logp(x, 0.3)).abs().max() < tol   # scalar sigma
     assert g.score(x[:0].float(), sigma[:0].float()).shape == (0, 2)
-    path, calls = float32_path
-    assert (len(calls) > 0) == (path == "C kernel")  # the path under test is the one that ran
     bad = x[:3].float().clone()
     bad[1, 0] = float("nan")
     out = g.score(bad, sigma[:3].float())

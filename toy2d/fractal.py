@@ -9,16 +9,14 @@ The heavy lifting (4096 points x 1016 components) is arranged as matrix
 products so that mixed per-point sigma costs little more than a single sigma:
 for a 2x2 covariance C_i + s I, the determinant and the adjugate are
 polynomials in s, so both the quadratic form's numerator and the determinant
-of every (point, component) pair come out of one matmul each. For float32 on
-the CPU the same formulas run fused in C (kernel.py), when a compiler exists.
+of every (point, component) pair come out of a few broadcast products.
+float64 is the reference; float32 is the fast path (tests/test_fractal.py
+bounds its error by float32 arithmetic).
 """
 import math
-import threading
 
 import numpy as np
 import torch
-
-from . import kernel
 
 ORIGIN = np.array([0.0030, 0.0325])
 SCALE = np.array([1.3136, 1.3844])
@@ -92,7 +90,6 @@ class GMM:
         self.weight = weight[order] / np.sum(weight)                          # [K]
         self.mu, self.cov, self.branch = mu[order], cov[order], branch[order]  # [K,2], [K,2,2], [K]
         self._coef = {}
-        self._buffers = threading.local()
 
     def __len__(self):
         return len(self.weight)
@@ -145,13 +142,7 @@ class GMM:
         au1 = (a + s1) * u1 - b * u0
         # logit = log w - 0.5 log det - 0.5 (u^T A u - 2 (Au).v + v^T A v) / det
         base = (u0 * au0 + u1 * au1).mul_(inv).add_(det.log()).mul_(-0.5)  # [n, B]
-        # one reused buffer a thread: fresh [n, K] allocations cost page faults each time
-        buffers, key = self._buffers.__dict__, (x.dtype, x.device)
-        buf = buffers.get(key)
-        if buf is None or buf.numel() < n * len(self):
-            buf = buffers[key] = x.new_empty(n * len(self))
-        logit = buf[:n * len(self)].view(n, self.group, len(self) // self.group)  # [n, g, B]
-        torch.addcmul(co["logw"], (au0 * inv)[:, None], co["v0"], out=logit)
+        logit = torch.addcmul(co["logw"], (au0 * inv)[:, None], co["v0"])  # [n, g, B]
         logit.addcmul_((au1 * inv)[:, None], co["v1"])
         logit.addcmul_(inv.mul(-0.5)[:, None], co["vadj"])
         logit.addcmul_((inv * s1).mul_(-0.5)[:, None], co["vv"])
@@ -167,7 +158,7 @@ class GMM:
         logp = (total.log() + peak).squeeze(1) - math.log(2 * math.pi)
         if want_component:
             return logp, component.squeeze(1)
-        if want_resp:  # a copy: the buffer is reused by the next block
+        if want_resp:
             return logp, e / total
         if not want_score:
             return logp, None
@@ -190,11 +181,6 @@ class GMM:
         s = (s * s).expand(x.shape[0]) if s.ndim == 0 else (s * s).reshape(-1)
         if s.shape[0] != x.shape[0]:
             raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}]")
-        # the kernel assumes finite input (it is built with -ffast-math): NaN and inf take the torch code
-        if x.dtype == torch.float32 and x.device.type == "cpu" and torch.isfinite(x).all() and torch.isfinite(s).all():
-            lib = kernel.load()
-            if lib is not None:  # the fused C loop: same formulas, no [N, K] temporaries
-                return kernel.score(lib, self._coefficients(x.dtype, x.device), self.group, x, s, want_score)
         logps, scores = [], []
         with torch.no_grad():
             for i in range(0, x.shape[0], _CHUNK):

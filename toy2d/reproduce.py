@@ -8,7 +8,6 @@ each method from identical starting points; measure everything exactly.
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -18,7 +17,6 @@ from mini_autoguide import guidance
 from mini_autoguide.checkpoint import CheckpointError, read_model, save_model, write_json, write_npz
 from mini_autoguide.sampler import heun_sample, sigma_steps
 
-from . import kernel
 from .fractal import gmm as make_gmm
 from .metrics import ToyMetrics
 from .model import ToyMLP
@@ -80,42 +78,27 @@ def load_toy(path):
     return net.eval().requires_grad_(False), cfg
 
 
-def train_models(settings, pool, outdir=None, progress=False, log=print):
-    """The three models, trained (or loaded from outdir/models when present):
-    the main model now, on both cores; the two guides side by side, one core
-    each (their width-32 networks split poorly over two threads), as futures
-    of `pool` (two kernel.worker_thread threads, within the caller's
-    cores_to_kernels). Returns (nets, seconds); `ready` waits for a model."""
-    seconds = {}
-
-    def obtain(i, name):
-        config = replace(getattr(settings, name), seed=settings.seed * 10 + i)
-        path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
-        if path is not None and os.path.exists(path):
-            net, saved = load_toy(path)
-            if saved != config:  # never let a model of other settings stand in silently
-                raise CheckpointError(f"{path} was trained with other settings than this run's "
-                                      f"(use --force or another --outdir)")
-            log(f"loaded {name} from {path}")
-            return net
-        t0 = time.perf_counter()
-        net, _ = train(config, progress=progress)
-        seconds[name] = time.perf_counter() - t0
-        log(f"trained {name} ({config.classes}, width {config.width}, {config.iterations} it) "
-            f"in {seconds[name]:.1f}s ({seconds[name] / config.iterations * 1e3:.1f} ms/it)")
-        if path is not None:
-            save_toy(path, net, config)
-        return net.requires_grad_(False)
-
-    nets = dict(main=obtain(0, "main"))
-    for i, name in ((2, "uncond"), (1, "guide")):   # the longer first
-        nets[name] = pool.submit(obtain, i, name)
-    return nets, seconds
-
-
-def ready(net):
-    """A model, waited for where it is a future (train_models with a pool)."""
-    return net.result() if isinstance(net, Future) else net
+def obtain(settings, name, outdir=None, progress=False, log=print):
+    """One of the three models ("main", "guide", "uncond"), trained, or loaded
+    from outdir/models when present. Returns (net in eval mode, training seconds or None)."""
+    index = dict(main=0, guide=1, uncond=2)[name]
+    config = replace(getattr(settings, name), seed=settings.seed * 10 + index)
+    path = None if outdir is None else os.path.join(outdir, "models", f"{name}.safetensors")
+    if path is not None and os.path.exists(path):
+        net, saved = load_toy(path)
+        if saved != config:  # never let a model of other settings stand in silently
+            raise CheckpointError(f"{path} was trained with other settings than this run's "
+                                  f"(use --force or another --outdir)")
+        log(f"loaded {name} from {path}")
+        return net, None
+    t0 = time.perf_counter()
+    net, _ = train(config, progress=progress)
+    seconds = time.perf_counter() - t0
+    log(f"trained {name} ({config.classes}, width {config.width}, {config.iterations} it) "
+        f"in {seconds:.1f}s ({seconds / config.iterations * 1e3:.1f} ms/it)")
+    if path is not None:
+        save_toy(path, net, config)
+    return net.requires_grad_(False), seconds
 
 
 # ---- sampling ----------------------------------------------------------------
@@ -133,86 +116,69 @@ def start_points(settings, n=None, seed=None):
 
 def sample(D, x, settings, record=False, progress=False):
     sigmas = sigma_steps(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho)
-    with torch.no_grad(), kernel.cores_to_kernels():  # the networks run in C (train.py says why)
+    with torch.no_grad():
         return heun_sample(D, x, sigmas, record=record, progress=progress)
 
 
 # ---- the whole reproduction --------------------------------------------------
 def reproduce(outdir, settings, progress=False, figures=True, log=print):
-    """Steps 6 and 7 of the toy issue; writes metrics.json, samples/, figures.
-
-    The main model trains on both cores. Then two worker threads, one core
-    each, run everything else: the guides' training, the metrics' reference
-    quantities, each sampling run with its metrics (those of the main model
-    alone first: they need no guide), and the guide figure."""
+    """Train the three models, sample every method and the sweeps from the
+    same starting points, measure them exactly; write metrics.json, samples/
+    and the figures to outdir. Returns the report (metrics.json's content)."""
     t_start = time.perf_counter()
     os.makedirs(outdir, exist_ok=True)
-    with kernel.cores_to_kernels(), ThreadPoolExecutor(2, initializer=kernel.worker_thread) as workers:
-        nets, train_seconds = train_models(settings, workers, outdir, progress, log)
-        t_main = time.perf_counter()
-        reference = workers.submit(ToyMetrics, "A", n_reference=settings.samples, seed=settings.seed + 12345)
-        x0 = start_points(settings)
-        measured = {}
 
-        def truth():
-            metrics = reference.result()
-            gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
-            x = metrics.gmm.sample(settings.samples, generator=gen)
-            return x, metrics(x)
+    # 1. the models: main, the autoguidance guide, the CFG "unconditional" model
+    nets, train_seconds = {}, {}
+    for name in ("main", "guide", "uncond"):
+        nets[name], seconds = obtain(settings, name, outdir, progress, log)
+        if seconds is not None:
+            train_seconds[name] = seconds
+    t_trained = time.perf_counter()
 
-        def run(method, w):
-            """(samples, sampling seconds, metrics) of one method at one w."""
-            models = {name: ready(net) for name, net in nets.items()
-                      if name == "main" or name == {"cfg": "uncond", "autoguidance": "guide"}.get(method)}
+    # 2. the exact reference: true samples of class A and the metrics' reference quantities
+    metrics = ToyMetrics("A", n_reference=settings.samples, seed=settings.seed + 12345)
+    samples, results = {}, {}
+    samples["truth"] = metrics.gmm.sample(settings.samples, generator=torch.Generator().manual_seed(settings.seed * 1000 + 99))
+    results["truth"] = metrics(samples["truth"])
+
+    # 3. every method, and the sweeps over w, from the same starting points.
+    # Sampling is deterministic (no churn, each point's network output its own),
+    # so a (method, w) is sampled once and every method at w = 1 is main alone.
+    x0 = start_points(settings)
+    runs = {}
+
+    def run(method, w):
+        """(samples, seconds, metrics) of one method at one guidance weight."""
+        key = ("none", 1.0) if float(w) == 1.0 else (method, float(w))
+        if key not in runs:
             t0 = time.perf_counter()
-            x = sample(denoiser(method, models, w), x0, settings)
-            return x, time.perf_counter() - t0, reference.result()(x)
+            x = sample(denoiser(key[0], nets, key[1]), x0, settings)
+            runs[key] = (x, time.perf_counter() - t0, metrics(x))
+            if progress:
+                log(f"sampled {key[0]} w={key[1]:g}")
+        return runs[key]
 
-        def measure(method, w):
-            """The future of run(method, w). Sampling is deterministic (same x0,
-            no churn, each point's network output its own): a (method, w) is
-            sampled once, and every method at w = 1 is the main model alone."""
-            key = ("none", 1.0) if float(w) == 1.0 else (method, float(w))
-            if key not in measured:
-                measured[key] = workers.submit(run, *key)
-            return measured[key]
+    for method in METHODS:
+        samples[method], took, measures = run(method, settings.weights[method])
+        results[method] = dict(weight=settings.weights[method], seconds=took, **measures)
+    sweep = [dict(method=m, weight=w, **run(m, w)[2]) for m, ws in settings.sweep.items() for w in ws]
+    t_sampled = time.perf_counter()
 
-        true_samples = workers.submit(truth)
-        pairs = [(m, settings.weights[m]) for m in METHODS] + [(m, w) for m, ws in settings.sweep.items() for w in ws]
-        for method, w in sorted(pairs, key=lambda mw: mw[0] in ("cfg", "autoguidance")):   # main alone first
-            measure(method, w)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(measured), desc="sampling runs", unit="run", leave=False)
-            for future in measured.values():
-                future.add_done_callback(lambda _: bar.update(1))
-        if figures:
-            from . import plots
-            guide_figure = workers.submit(lambda: plots.guide_figure(
-                os.path.join(outdir, "guide.png"), {k: ready(v) for k, v in nets.items()}, settings))
-        samples, results = {}, {}
-        samples["truth"], results["truth"] = true_samples.result()
-        for method in METHODS:
-            samples[method], took, measures = measure(method, settings.weights[method]).result()
-            results[method] = dict(weight=settings.weights[method], seconds=took, **measures)
-        sweep = [dict(method=m, weight=w, **measure(m, w).result()[2]) for m, ws in settings.sweep.items() for w in ws]
-        t_figures = time.perf_counter()
-        if figures:
-            guide_figure.result()
-        if bar is not None:
-            bar.close()
-    seconds = dict(train=train_seconds, guides_and_sampling=t_figures - t_main)
+    # 4. write the report, the samples and the figures
+    seconds = dict(train=train_seconds, guides_and_sampling=t_sampled - t_trained)
     report = dict(settings=_jsonable(settings), methods=results, sweep=sweep,
-                  seconds=seconds, threshold_logp=reference.result().threshold,
+                  seconds=seconds, threshold_logp=metrics.threshold,
                   torch=torch.__version__, threads=torch.get_num_threads())
     os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
     for name, x in samples.items():
         write_npz(os.path.join(outdir, "samples", f"{name}.npz"), x=np.asarray(x, dtype=np.float32))
     if figures:
+        from . import plots
+        plots.guide_figure(os.path.join(outdir, "guide.png"), nets, settings)
         plots.samples_figure(os.path.join(outdir, "samples.png"), samples, report)
         plots.sweep_figure(os.path.join(outdir, "sweep.png"), report)
-        seconds["figures"] = time.perf_counter() - t_figures   # the guide figure's wait, then these two
+        seconds["figures"] = time.perf_counter() - t_sampled
     seconds["total"] = total = time.perf_counter() - t_start
     write_json(os.path.join(outdir, "metrics.json"), report)
     log(format_table(report))

@@ -1,4 +1,4 @@
-"""Training the toy models (paper, App. C; facts file, section 3).
+"""Training the toy models (arXiv 2406.02507, App. C).
 
 Exact score matching needs no data set: each batch is fresh samples of the
 class, noised, with the exact score of the noised density as the target.
@@ -6,8 +6,6 @@ Denoising score matching (EDM weighting) is the alternative that only needs
 samples, as for images.
 """
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,12 +14,10 @@ from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
 from mini_autoguide.ema import PowerEMA
 from mini_autoguide.mp import normalize_weights_
 
-from . import kernel
 from .fractal import CLASSES, gmm as make_gmm
 from .model import ToyMLP
 
 LOSSES = ("exact", "dsm")
-_SEEDING = threading.Lock()
 
 
 @dataclass
@@ -58,58 +54,17 @@ def learning_rate(config, t):
     return config.lr / math.sqrt(max(t / config.lr_ref_iter, 1))
 
 
-def batches(target, config, generator, chunk=16, ahead=True):
-    """Each iteration's training batch: (clean y, sigma, noisy x, exact score of x
-    or None for the DSM loss), shapes [B, 2], [B], [B, 2], [B, 2].
-
-    The random draws come in the order of one iteration at a time, but the
-    exact scores of `chunk` iterations are computed in one call: switching
-    between the C kernel's threads and torch's costs more than the per-point
-    work it saves to call it once per iteration. With `ahead`, the next chunk
-    is drawn and scored in a background thread while this one trains
-    (kernel.idle_thread: it takes a core only when training leaves one idle,
-    as it does in its small one-thread torch ops). Each point's score does
-    not depend on its neighbours and the draws keep their order, so the
-    batches are the same either way."""
-    def draw(count):
-        drawn = []
-        for _ in range(count):
-            y = target.sample(config.batch, generator=generator)
-            sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=generator)
-            drawn.append((y, sigma, y + sigma[:, None] * torch.randn(y.shape, generator=generator)))
-        if config.loss == "exact":
-            scores = target.score(torch.cat([x for _, _, x in drawn]), torch.cat([s for _, s, _ in drawn]))
-            scores = scores.split(config.batch)
-        else:
-            scores = [None] * len(drawn)
-        return [(y, sigma, x, score) for (y, sigma, x), score in zip(drawn, scores)]
-
-    counts = [min(chunk, config.iterations - i) for i in range(0, config.iterations, chunk)]
-    if not ahead:
-        for count in counts:
-            yield from draw(count)
-        return
-    ready = draw(counts[0])   # the first chunk here, on all the kernels' threads: nothing to hide it behind
-    with ThreadPoolExecutor(1, initializer=kernel.idle_thread) as pool:
-        for count in counts[1:] + [None]:
-            future = pool.submit(draw, count) if count is not None else None
-            yield from ready
-            ready = future.result() if future is not None else None
-
-
-def train(config, progress=False, callback=None, chunk=16):
+def train(config, progress=False, callback=None):
     """Train one toy model; return its EMA copy (eval mode) and the loss history.
 
     callback(t, ema_net), if given, is called after every iteration t (1-based),
-    e.g. to keep snapshots. chunk: iterations whose exact targets are computed
-    together (see `batches`; the result does not depend on it).
+    e.g. to keep snapshots.
     """
     config = config.check()
-    with _SEEDING:   # the initial weights come from torch's global generator: one thread at a time
-        torch.manual_seed(config.seed)
-        net = ToyMLP(config.width, config.depth).train()
+    torch.manual_seed(config.seed)   # the initial weights come from torch's global generator
+    net = ToyMLP(config.width, config.depth).train()
     normalize_weights_(net)   # before the EMA copy, so that it starts equal to the network
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)   # the batches: their own generator
     target = make_gmm(config.classes)
     ema = PowerEMA(net, [config.ema_sigma_rel])
     # fused: one pass over all parameters instead of a dozen small ops each
@@ -119,34 +74,31 @@ def train(config, progress=False, callback=None, chunk=16):
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
-    # With the C kernels serving the network and the targets, torch's own ops are small.
-    kernels = kernel.load_mlp(config.width, torch.float32) is not None
-    with kernel.cores_to_kernels(kernels):
-        # Batches ahead only where the kernels have several threads: beside torch's
-        # own threads (no kernel) they would compete with its OpenMP threads, which
-        # spin for work between ops, and a one-thread trainer has no idle core.
-        ahead = kernels and kernel.threads_to_use() > 1
-        for t, (y, sigma, x, score) in enumerate(batches(target, config, gen, chunk, ahead), start=1):
-            if config.loss == "exact":
-                loss = exact_score_loss(net.score(x, sigma), score, sigma)
-            else:
-                loss = denoising_loss(net(x, sigma), y, sigma)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at iteration {t}")
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(config, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update(net, t)   # the weights as Adam left them; then forced weight normalisation, as for images
-            normalize_weights_(net)
-            losses.append(loss.item())
-            if callback is not None:
-                callback(t, ema.nets[0])
-            if bar is not None:
-                bar.update(1)
-                if t % 64 == 0:
-                    bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
+    for t in range(1, config.iterations + 1):
+        # a fresh batch of the class, noised at sigma ~ lognormal(P_mean, P_std)
+        y = target.sample(config.batch, generator=gen)                                      # [B, 2]
+        sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=gen)      # [B]
+        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen)                        # [B, 2]
+        if config.loss == "exact":   # sigma^2 |grad log p(x; sigma) - grad G(x; sigma)|^2
+            loss = exact_score_loss(net.score(x, sigma), target.score(x, sigma), sigma)
+        else:
+            loss = denoising_loss(net(x, sigma), y, sigma)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {t}")
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(config, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(net, t)   # the weights as Adam left them; then forced weight normalisation, as for images
+        normalize_weights_(net)
+        losses.append(loss.item())
+        if callback is not None:
+            callback(t, ema.nets[0])
+        if bar is not None:
+            bar.update(1)
+            if t % 64 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
     if bar is not None:
         bar.close()
     return ema.nets[0].eval(), losses
