@@ -19,6 +19,9 @@ def register(sub):
     p.add_argument("--outdir", required=True, help="output directory (refused if it holds results, unless --force)")
     p.add_argument("--fast", action="store_true", help="about 15x less work (CI, notebooks); same qualitative result")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--seeds", help="run every seed of a list instead of --seed, e.g. 0-9: DIR/seed-<k>/ holds each "
+                   "seed's run, DIR/summary.json each metric's per-seed values, mean, std, min and max, DIR/seeds.png "
+                   "each seed's outcome; seeds already finished in DIR are read back, not rerun")
     _common(p)
     p.set_defaults(run=run_reproduce)
 
@@ -92,15 +95,35 @@ def _refuse_existing(path, force, what="output"):
 def run_reproduce(args):
     from toy2d.reproduce import Settings, reproduce
     _check_device(args)
-    marker = os.path.join(args.outdir, "metrics.json")
     if os.path.isfile(args.outdir):
         raise UsageError(f"--outdir {args.outdir} is a file")
-    _refuse_existing(marker, args.force, "results")
-    if args.force and os.path.isdir(os.path.join(args.outdir, "models")):
-        import shutil
-        shutil.rmtree(os.path.join(args.outdir, "models"))
-    settings = Settings.fast(args.seed) if args.fast else Settings(seed=args.seed)
-    reproduce(args.outdir, settings, progress=not args.quiet, figures=not args.no_figures)
+
+    def make_settings(seed):
+        return Settings.fast(seed) if args.fast else Settings(seed=seed)
+
+    if args.seeds is None:
+        _refuse_existing(os.path.join(args.outdir, "metrics.json"), args.force, "results")
+        if args.force:
+            _clear_run(args.outdir)
+        reproduce(args.outdir, make_settings(args.seed), progress=not args.quiet, figures=not args.no_figures)
+        return
+    from toy2d.seeds import reproduce_seeds, seed_dir
+    from .generate import parse_seeds
+    seeds = sorted(set(parse_seeds(args.seeds)))
+    _refuse_existing(os.path.join(args.outdir, "summary.json"), args.force, "results")
+    if args.force:
+        for seed in seeds:
+            _clear_run(seed_dir(args.outdir, seed))
+    reproduce_seeds(args.outdir, seeds, make_settings, progress=not args.quiet, figures=not args.no_figures)
+
+
+def _clear_run(outdir):
+    """--force: a run's results and models go, so that nothing of the old run is read back."""
+    import shutil
+    if os.path.isdir(os.path.join(outdir, "models")):
+        shutil.rmtree(os.path.join(outdir, "models"))
+    if os.path.isfile(os.path.join(outdir, "metrics.json")):
+        os.unlink(os.path.join(outdir, "metrics.json"))
 
 
 def run_train(args):

@@ -145,6 +145,31 @@ def sweep_figure(path, report):
     _save(fig, path)
 
 
+def seeds_figure(path, summary, methods=("none", "autoguidance", "cfg", "truncation")):
+    """Each seed's outcome (toy2d.seeds summary): outliers and recall of each method at its
+    headline w, one grey line a seed joining its methods, and the mean +- std over seeds."""
+    from .seeds import point
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    pts = [point(summary, m) for m in methods]
+    x = np.arange(len(methods))
+    for ax, key, better in zip(axes, ("outliers", "recall"), ("<- better", "better ->")):
+        per_seed = np.array([p["metrics"][key]["per_seed"] for p in pts])   # [methods, seeds]
+        ax.plot(x, per_seed, color="#999999", lw=0.8, alpha=0.7)
+        for i, (m, p) in enumerate(zip(methods, pts)):
+            color, marker, _ = STYLE[m]
+            s = p["metrics"][key]
+            ax.errorbar([i], [s["mean"]], yerr=[s["std"]], color=color, marker=marker, ms=7, capsize=4, zorder=3)
+        ax.set_xticks(x, [f"{LABEL[m]}\nw={p['weight']:g}" for m, p in zip(methods, pts)])
+        ax.set_ylabel(f"{key} ({better})")
+        ax.grid(alpha=0.3, axis="y")
+    n = len(summary["seeds"])
+    axes[0].set_title(f"outlier rate: {n} seeds (grey: one seed), mean +- std")
+    axes[1].set_title("recall (coverage of the true distribution)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def all_figures(outdir, nets, samples, report, settings):
     samples_figure(os.path.join(outdir, "samples.png"), samples, report)
     guide_figure(os.path.join(outdir, "guide.png"), nets, settings)

@@ -1,0 +1,113 @@
+"""The toy over many seeds: the summary's statistics, the per-seed runs, the CLI's --seeds."""
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mini_autoguide.cli import main
+from toy2d import seeds as seeds_mod
+from toy2d.reproduce import METHODS, Settings, reproduce
+
+
+def _report(values, sweep_values):
+    """A metrics.json-like report: values[method] = dict of metrics (weights from Settings)."""
+    weights = Settings().weights
+    methods = {m: dict(weight=weights[m], **v) for m, v in values.items() if m != "truth"}
+    methods["truth"] = dict(values["truth"])
+    sweep = [dict(method="autoguidance", weight=w, **v) for w, v in sweep_values.items()]
+    return dict(methods=methods, sweep=sweep)
+
+
+def _metrics(outliers, recall, precision=0.9, mean_logp=1.0, branch_tv=0.1):
+    return dict(outliers=outliers, recall=recall, precision=precision, mean_logp=mean_logp, branch_tv=branch_tv)
+
+
+def test_summary_statistics_by_hand(tmp_path):
+    # three seeds; autoguidance has fewer outliers than no guidance on seeds 0 and 2 only
+    none = [0.10, 0.20, 0.30]
+    auto = [0.05, 0.25, 0.10]
+    reports = {}
+    for k, seed in enumerate((4, 7, 9)):
+        values = {m: _metrics(0.2, 0.8) for m in METHODS}
+        values["none"] = _metrics(none[k], 0.9)
+        values["autoguidance"] = _metrics(auto[k], 0.85 + 0.01 * k)
+        values["truth"] = _metrics(0.01, 0.95)
+        reports[seed] = _report(values, {2.0: _metrics(0.5 + k, 0.5)})
+    summary = seeds_mod.summarize(reports)
+    assert summary["seeds"] == [4, 7, 9]
+    s = seeds_mod.point(summary, "autoguidance")["metrics"]["outliers"]
+    assert s["per_seed"] == auto and s["min"] == 0.05 and s["max"] == 0.25
+    assert s["mean"] == pytest.approx(np.mean(auto), rel=1e-15)
+    assert s["std"] == pytest.approx(np.sqrt(sum((a - np.mean(auto)) ** 2 for a in auto) / 2), rel=1e-12)
+    assert s["beats_none"] == 2                                     # lower is better for outliers
+    r = seeds_mod.point(summary, "autoguidance")["metrics"]["recall"]
+    assert r["beats_none"] == 0                                     # higher is better for recall: 0.85.. < 0.9
+    sweep = seeds_mod.point(summary, "autoguidance", 2.0)["metrics"]["outliers"]
+    assert sweep["per_seed"] == [0.5, 1.5, 2.5] and sweep["std"] == pytest.approx(1.0)
+    assert "beats_none" not in seeds_mod.point(summary, "truth")["metrics"]["outliers"]
+    json.dumps(summary)   # plain JSON
+    text = seeds_mod.format_summary(summary)
+    assert "3 seeds (4,7,9)" in text and "[2]" in text
+    from toy2d import plots
+    plots.seeds_figure(str(tmp_path / "seeds.png"), summary)
+    assert os.path.getsize(tmp_path / "seeds.png") > 10_000
+
+
+def test_a_point_missing_on_some_seed_is_left_out():
+    a = _report({m: _metrics(0.1, 0.9) for m in METHODS + ("truth",)}, {2.0: _metrics(0.1, 0.9)})
+    b = _report({m: _metrics(0.2, 0.8) for m in METHODS + ("truth",)}, {})
+    summary = seeds_mod.summarize({0: a, 1: b})
+    with pytest.raises(KeyError):
+        seeds_mod.point(summary, "autoguidance", 2.0)
+    assert seeds_mod.point(summary, "none")["metrics"]["outliers"]["per_seed"] == [0.1, 0.2]
+
+
+def _tiny(seed):
+    s = Settings(seed=seed)
+    small = dict(width=8, iterations=3, batch=64)
+    s.main, s.guide = replace(s.main, **small), replace(s.guide, **small)
+    s.uncond = replace(s.uncond, **small)
+    s.samples, s.steps = 256, 3
+    s.sweep = dict(autoguidance=[1.0, 2.0], cfg=[1.0, 2.0], truncation=[1.2])
+    s.weights = dict(none=1.0, cfg=2.0, autoguidance=2.0, truncation=1.2)
+    return s
+
+
+def test_every_seed_is_the_one_seed_run_and_resumes(tmp_path, monkeypatch):
+    quiet = dict(figures=False, log=lambda *a: None)
+    summary = seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
+    alone = reproduce(str(tmp_path / "alone"), _tiny(5), **quiet)   # seed 5 on its own
+    got = seeds_mod.point(summary, "autoguidance")["metrics"]["outliers"]["per_seed"]
+    assert got[1] == alone["methods"]["autoguidance"]["outliers"]
+    assert got[0] != got[1] or summary["points"][0]["metrics"]["recall"]["std"] > 0   # the seeds differ
+    for seed in (3, 5):
+        assert os.path.isfile(tmp_path / "study" / f"seed-{seed}" / "metrics.json")
+    # a finished seed is read back, not rerun
+    os.remove(tmp_path / "study" / "summary.json")
+    monkeypatch.setattr(seeds_mod, "reproduce", lambda *a, **k: pytest.fail("a finished seed ran again"))
+    again = seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
+    assert again == json.loads((tmp_path / "study" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    # a seed of other settings is refused, not mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3], lambda s: replace(_tiny(s), samples=128), **quiet)
+
+
+def test_cli_seeds_reads_back_finished_seeds_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "study"
+    seeds_mod.reproduce_seeds(str(out), [0], _tiny, figures=False, log=lambda *a: None)
+    os.remove(out / "summary.json")
+    # The CLI's --fast settings differ from the tiny ones: the finished seed is refused, one line, exit 2.
+    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--fast", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "other settings" in err and err.count("\n") == 1
+    # Bad seed lists are one line too.
+    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "3-1", "--quiet"]) == 2
+    assert "seed range" in capsys.readouterr().err
+    # An existing summary is not overwritten without --force.
+    (out / "summary.json").write_text("{}")
+    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "summary.json").read_text() == "{}"
+    shutil.rmtree(out)
