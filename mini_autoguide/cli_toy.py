@@ -22,6 +22,9 @@ def register(sub):
     p.add_argument("--seeds", help="run every seed of a list instead of --seed, e.g. 0-9: DIR/seed-<k>/ holds each "
                    "seed's run, DIR/summary.json each metric's per-seed values, mean, std, min and max, DIR/seeds.png "
                    "each seed's outcome; seeds already finished in DIR are read back, not rerun")
+    p.add_argument("--guide-width", type=int, help="the autoguidance guide's hidden width (paper: 32)")
+    p.add_argument("--guide-iterations", type=int, help="the guide's training iterations (paper: 512)")
+    p.add_argument("--guide-ema", type=float, help="the guide's power-EMA length sigma_rel (paper: 0.010)")
     _common(p)
     p.set_defaults(run=run_reproduce)
 
@@ -98,8 +101,15 @@ def run_reproduce(args):
     if os.path.isfile(args.outdir):
         raise UsageError(f"--outdir {args.outdir} is a file")
 
+    recipe = {k: v for k, v in (("width", args.guide_width), ("iterations", args.guide_iterations),
+                                ("ema_sigma_rel", args.guide_ema)) if v is not None}
+
     def make_settings(seed):
-        return Settings.fast(seed) if args.fast else Settings(seed=seed)
+        settings = Settings.fast(seed) if args.fast else Settings(seed=seed)
+        settings.guide = replace(settings.guide, **recipe).check()
+        return settings
+
+    make_settings(args.seed)   # a bad guide recipe is refused before anything runs
 
     if args.seeds is None:
         _refuse_existing(os.path.join(args.outdir, "metrics.json"), args.force, "results")

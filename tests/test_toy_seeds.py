@@ -111,3 +111,26 @@ def test_cli_seeds_reads_back_finished_seeds_and_refuses_to_overwrite(tmp_path, 
     assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err and (out / "summary.json").read_text() == "{}"
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("flag,value,message", [("--guide-width", "0", "width"),
+                                                ("--guide-iterations", "-3", "iterations"),
+                                                ("--guide-ema", "0.5", "sigma_rel")])
+def test_bad_guide_recipe_is_refused_before_anything_runs(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "run"
+    assert main(["toy", "reproduce", "--outdir", str(out), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_guide_recipe_reaches_the_guide(tmp_path, monkeypatch):
+    # The options change the guide's configuration only: the main model and CFG's model stay.
+    seen = {}
+    import toy2d.reproduce
+    monkeypatch.setattr(toy2d.reproduce, "reproduce", lambda outdir, settings, **kw: seen.setdefault("s", settings))
+    main(["toy", "reproduce", "--outdir", str(tmp_path / "r"), "--guide-width", "16", "--guide-iterations", "100",
+          "--guide-ema", "0.05", "--quiet", "--no-figures"])
+    s = seen["s"]
+    assert (s.guide.width, s.guide.iterations, s.guide.ema_sigma_rel) == (16, 100, 0.05)
+    assert s.main == Settings().main and s.uncond == Settings().uncond

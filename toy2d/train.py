@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
-from mini_autoguide.ema import PowerEMA
+from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
 from mini_autoguide.mp import normalize_weights_
 
 from .fractal import CLASSES, gmm as make_gmm
@@ -47,6 +47,7 @@ class ToyConfig:
         for name in ("width", "iterations", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
+        sigma_rel_to_gamma(self.ema_sigma_rel)   # ValueError outside (0, 0.2887)
         return self
 
 
