@@ -1,6 +1,6 @@
 """The 2D fractal toy: a Gaussian mixture grown from a random tree.
 
-Built exactly as in the paper's appendix C (see the facts file, section 3).
+Built exactly as in the autoguidance paper's appendix C (arXiv 2406.02507, App. C).
 Everything is known in closed form at every noise level sigma:
 
     p(x; sigma) = sum_i phi_i N(x; mu_i, Sigma_i + sigma^2 I)

@@ -1,5 +1,6 @@
-"""The toy reproduction: train main, autoguidance guide and CFG guide; sample
-each method from identical starting points; measure everything exactly.
+"""The toy reproduction (arXiv 2406.02507, Sec. 3 and App. C): train main,
+autoguidance guide and CFG guide; sample each method from identical starting
+points; measure everything exactly.
 
     main   = class A, width 64, 4096 iterations
     guide  = class A, width 32, 512 iterations   (the weak version of main)
@@ -139,7 +140,8 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     # 2. the exact reference: true samples of class A and the metrics' reference quantities
     metrics = ToyMetrics("A", n_reference=settings.samples, seed=settings.seed + 12345)
     samples, results = {}, {}
-    samples["truth"] = metrics.gmm.sample(settings.samples, generator=torch.Generator().manual_seed(settings.seed * 1000 + 99))
+    truth_gen = torch.Generator().manual_seed(settings.seed * 1000 + 99)
+    samples["truth"] = metrics.gmm.sample(settings.samples, generator=truth_gen)
     results["truth"] = metrics(samples["truth"])
 
     # 3. every method, and the sweeps over w, from the same starting points.
