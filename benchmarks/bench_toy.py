@@ -3,7 +3,7 @@
 Prints medians and ratios against a straightforward baseline run in the same
 process, and writes benchmarks/results/toy_cpu.json.
 
-    python benchmarks/bench_toy.py            # scores + training iteration (~2 min)
+    python benchmarks/bench_toy.py            # scores + training iteration (~1 min)
     python benchmarks/bench_toy.py --full     # + the whole reproduction at the paper's settings
 
 The exact score is timed in float32 (the fast path training uses) and float64
@@ -32,7 +32,8 @@ def machine():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{name}, {os.cpu_count()} cores, {isa}" + ("" if "512" in isa else ", no AVX-512")
 
 
 def median_ms(fn, repeats=15, warmup=3):
