@@ -8,7 +8,7 @@
 Every configuration runs in this one process, interleaved round by round (so a
 change in machine load hits all alike); we report medians over rounds and the
 ratio to the straightforward baseline: the same network in fp32, NCHW layout,
-no autocast. fmnist-main *is* the issue's reference configuration (C = 32,
+no autocast. fmnist-main is the reference configuration (C = 32,
 mult [1, 2, 2], 2 blocks a level, attention at 8x8, 1 channel, 10 classes,
 batch 64, 1.69 M parameters; the reference implementation trains ~65 img/s on
 2 cores). On a GPU it also measures img64-xs and img64-s (bf16, compiled).

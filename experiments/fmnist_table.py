@@ -325,7 +325,7 @@ def markdown(rows, info):
 
 
 def target_check(rows):
-    """The issue's stated targets, checked on the numbers of each feature space measured
+    """The stated targets, checked on the numbers of each feature space measured
     (Inception: FID; the classifier: its FD). One paragraph per space."""
     by = {r["row"]: r for r in rows}
     if any(by[name].get("pending") for name in ("no guidance", "autoguidance", "CFG", "CFG + interval")):

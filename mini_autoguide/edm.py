@@ -1,4 +1,4 @@
-"""The EDM formulation (Karras et al. 2022; facts file, section 2).
+"""The EDM formulation (Karras et al. 2022, arXiv 2206.00364, Table 1).
 
 Preconditioning, the training noise distribution and the losses. Everything
 works on any data shape: x is [N, ...] and sigma is [N] (or a scalar).

@@ -1,4 +1,4 @@
-"""Guidance: wrap denoisers into a denoiser (facts file, section 1).
+"""Guidance: wrap denoisers into a denoiser (autoguidance, arXiv 2406.02507, Sec. 3).
 
     D_w(x; sigma) = D_guide(x; sigma) + w (D_main(x; sigma) - D_guide(x; sigma))
 

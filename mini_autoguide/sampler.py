@@ -1,4 +1,4 @@
-"""The EDM sampler: Heun's method on the probability-flow ODE (facts, section 2).
+"""The EDM sampler: Heun's method on the probability-flow ODE (EDM, arXiv 2206.00364, Sec. 3, Algorithm 1).
 
 Written against the denoiser interface D(x, sigma, **kwargs) -> [N, ...], so the
 exact toy denoiser, a trained network and any guided combination all plug in.

@@ -1,4 +1,4 @@
-"""The magnitude-preserving U-Net of EDM2 and its EDM denoiser (facts, section 4).
+"""The magnitude-preserving U-Net of EDM2 and its EDM denoiser (EDM2, arXiv 2312.02696, Sec. 2).
 
 Reads top to bottom: Block (one encoder or decoder block), UNet (the
 topology), Denoiser (EDM preconditioning + learned uncertainty u(sigma)).
@@ -81,7 +81,7 @@ class Block(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """EDM2's U-Net F(x; c_noise, class) (facts, section 4, "Topology in detail").
+    """EDM2's U-Net F(x; c_noise, class) (EDM2, arXiv 2312.02696, Sec. 2).
 
     channels: C; mult: per-level multipliers (levels at resolution, /2, /4 ...);
     num_blocks: encoder blocks a level (the decoder has one more);

@@ -40,7 +40,7 @@ def _check_table(tmp_path, table, fid):
         assert r["classifier_fd"] > 0 and precision_count == pytest.approx(round(precision_count), abs=1e-9)
         assert ("inception_fd" in r) == fid
         assert ("classifier_accuracy" in r) == (not r["row"].startswith("unconditional"))
-    # The rows' guides are the roles the issue asks for.
+    # Each row's guide has its role: a smaller model, a shorter-trained one, an unconditional one.
     assert rows["autoguidance"]["guide"].startswith(os.path.join("models", "small"))
     assert rows["ablation: guide trained less only"]["guide"].startswith(os.path.join("models", "main"))
     assert rows["CFG"]["guide"].startswith(os.path.join("models", "uncond"))
