@@ -1,8 +1,9 @@
 """Dataset preparation: an ImageNet-style class-folder tree -> square PNGs + labels.json.
 
-The crop is ADM's ("dhariwal", facts section 4): halve with a box filter while
-the short side is at least twice the target, resize the short side to the
-target with bicubic filtering, then cut out the centre. Output is a folder
+The crop is ADM's ("dhariwal"; Dhariwal & Nichol 2021, arXiv 2105.05233, as
+used by EDM2): halve with a box filter while the short side is at least twice
+the target, resize the short side to the target with bicubic filtering, then
+cut out the centre. Output is a folder
 (resumable: finished images are skipped) or a ZIP (built from a resumable
 staging folder next to it), with labels.json = {"classes", "labels": [[file, label]]}.
 """

@@ -15,6 +15,7 @@ import torch
 from mini_autoguide.edm import SIGMA_DATA, expand
 from mini_autoguide.mp import MPConv, mp_silu
 
+
 class ToyMLP(torch.nn.Module):
     """x: [N, 2], sigma: [N] or scalar. width n, `depth` hidden n->n layers."""
 
