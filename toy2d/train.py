@@ -58,8 +58,10 @@ def learning_rate(config, t):
 def train(config, progress=False, callback=None):
     """Train one toy model; return its EMA copy (eval mode) and the loss history.
 
-    callback(t, ema_net), if given, is called after every iteration t (1-based),
-    e.g. to keep snapshots.
+    callback(t, net), if given, is called after every iteration t (1-based) with
+    the training network as Adam left it, just when the EMA takes its update and
+    before the weights are normalised: a caller can keep snapshots or further
+    EMA lengths of its own (experiments/toy_guides.py does both).
     """
     config = config.check()
     torch.manual_seed(config.seed)   # the initial weights come from torch's global generator
@@ -92,10 +94,10 @@ def train(config, progress=False, callback=None):
         loss.backward()
         opt.step()
         ema.update(net, t)   # the weights as Adam left them; then forced weight normalisation, as for images
+        if callback is not None:
+            callback(t, net)
         normalize_weights_(net)
         losses.append(loss.item())
-        if callback is not None:
-            callback(t, ema.nets[0])
         if bar is not None:
             bar.update(1)
             if t % 64 == 0:
