@@ -1,9 +1,14 @@
-"""Markdown tables of toy results (metrics.json files written by `toy reproduce`).
+"""Markdown tables of toy results: one seed's metrics.json (written by `toy
+reproduce`), or the multi-seed summaries of `toy reproduce --seeds`.
 
     python docs/toy_tables.py docs/results/toy_seed0.json [more.json ...]
+    python docs/toy_tables.py --seeds "paper's guide=docs/results/toy_seeds.json" [label=summary.json ...]
+    python docs/toy_tables.py --median-seed docs/results/toy_seeds.json
 """
 import json
 import sys
+
+import numpy as np
 
 ROWS = ("truth", "none", "autoguidance", "cfg", "truncation")
 NAMES = {"truth": "true samples", "none": "no guidance", "autoguidance": "autoguidance",
@@ -34,7 +39,58 @@ def sweep_table(report):
     return "\n".join(out)
 
 
+def seeds_table(summaries):
+    """{label: toy2d.seeds summary} -> one markdown table: each method at its headline w,
+    mean +- std over the seeds, and [on how many seeds it beats no guidance]."""
+    out = ["| guide recipe | method | w | outliers | precision | recall | branch TV |", "|---|---|---|---|---|---|---|"]
+    for label, summary in summaries.items():
+        for name in ROWS:
+            p = next(p for p in summary["points"] if p["method"] == name
+                     and (name == "truth" or p["weight"] == summary["headline"][name]))
+            cells = []
+            for metric, scale, fmt in (("outliers", 100, "{:.1f}%"), ("precision", 1, "{:.3f}"),
+                                       ("recall", 1, "{:.3f}"), ("branch_tv", 1, "{:.3f}")):
+                m = p["metrics"][metric]
+                better = f" [{m['beats_none']}]" if "beats_none" in m and name != "none" else ""
+                cells.append(f"{fmt.format(scale * m['mean'])} ± {fmt.format(scale * m['std']).rstrip('%')}{better}")
+            w = f"{p['weight']:g}" if name not in ("truth", "none") else "-"
+            out.append(f"| {label} | {NAMES[name]} | {w} | " + " | ".join(cells) + " |")
+    n = {len(s["seeds"]) for s in summaries.values()}
+    out.append(f"\nMean ± std over {'/'.join(map(str, sorted(n)))} seeds; [k]: the seeds on which the method beats "
+               "no guidance.")
+    return "\n".join(out)
+
+
+# what makes a seed typical: no guidance's and autoguidance's outliers, autoguidance's precision and recall
+TYPICAL = (("none", "outliers"), ("autoguidance", "outliers"), ("autoguidance", "precision"), ("autoguidance", "recall"))
+
+
+def median_seed(summary):
+    """The seed nearest the median: the smallest sum over TYPICAL of |value - median| / std."""
+    distance = np.zeros(len(summary["seeds"]))
+    for method, metric in TYPICAL:
+        p = next(p for p in summary["points"] if p["method"] == method and p["weight"] == summary["headline"][method])
+        v = np.array(p["metrics"][metric]["per_seed"])
+        distance += np.abs(v - np.median(v)) / max(v.std(ddof=1), 1e-12)
+    return summary["seeds"][int(np.argmin(distance))], distance
+
+
 def main():
+    if sys.argv[1:2] == ["--median-seed"]:
+        with open(sys.argv[2]) as f:
+            summary = json.load(f)
+        seed, distance = median_seed(summary)
+        print(f"seed {seed} is nearest the median (distance in stds, summed over {len(TYPICAL)} metrics: "
+              + ", ".join(f"seed {s} {d:.2f}" for s, d in zip(summary["seeds"], distance)) + ")")
+        return
+    if sys.argv[1:2] == ["--seeds"]:
+        summaries = {}
+        for arg in sys.argv[2:]:
+            label, path = arg.split("=", 1)
+            with open(path) as f:
+                summaries[label] = json.load(f)
+        print(seeds_table(summaries))
+        return
     for path in sys.argv[1:]:
         with open(path) as f:
             report = json.load(f)

@@ -104,7 +104,7 @@ def point(summary, method, weight=None):
 def format_summary(summary):
     """The headline methods as mean +- std over the seeds, and on how many seeds each beats no guidance."""
     n = len(summary["seeds"])
-    head = f"{'method':<13}{'w':>6}" + "".join(f"{name:>19}" for name in METRICS)
+    head = f"{'method':<13}{'w':>6}" + "".join(f"{name:>26}" for name in METRICS)
     rows = [f"{n} seeds ({seed_text(summary['seeds'])}): mean +- std [seeds better than no guidance]", head,
             "-" * len(head)]
     for method in ("truth",) + METHODS:
@@ -114,7 +114,8 @@ def format_summary(summary):
         for name in METRICS:
             s = p["metrics"][name]
             better = "" if "beats_none" not in s or method == "none" else f" [{s['beats_none']}]"
-            cells.append(f"{s['mean']:.3f}+-{s['std']:.3f}{better}".rjust(19))
+            # 3 significant digits: a seed whose samples diverged has a mean log p of -1e6 or below
+            cells.append(f"{s['mean']:.3g}+-{s['std']:.3g}{better}".rjust(26))
         rows.append(f"{method:<13}{w:>6}" + "".join(cells))
     return "\n".join(rows)
 
