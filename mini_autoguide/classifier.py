@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import read_model, save_model, write_json
+from .progress import progress_bar
 
 KIND = "classifier"
 DEFAULTS = dict(channels=[16, 32, 64], features=128, epochs=3, batch=128, lr=3e-3, seed=0)
@@ -73,7 +74,7 @@ def train_classifier(train_set, test_set, out, log=print, progress=True, limit=N
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, opts["lr"], total_steps=total)
     x_all, y_all = _to_input(images), torch.as_tensor(labels, dtype=torch.long)
     g = torch.Generator().manual_seed(opts["seed"])
-    bar = _bar(total, progress)
+    bar = progress_bar(total, "classifier", "step", enabled=progress)
     t0 = time.time()
     for _ in range(opts["epochs"]):
         order = torch.randperm(len(x_all), generator=g)
@@ -142,13 +143,6 @@ class ClassifierFeatures:
     def accuracy(self, images, labels):
         """Fraction of images classified as their intended class."""
         return float(np.mean(predict(self.net, images) == np.asarray(labels)))
-
-
-def _bar(total, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="classifier", unit="step", leave=False)
 
 
 __all__ = ["Classifier", "ClassifierFeatures", "train_classifier", "load_classifier", "predict"]

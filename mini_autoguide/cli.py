@@ -23,6 +23,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows an option's default where it says something: not for options without one
+    (None), not for on/off flags (False), and not where the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _families():
     # each: (name, module path) with register(subparsers) inside
     return [("toy", "mini_autoguide.cli_toy"), ("image", "mini_autoguide.cli_image"),

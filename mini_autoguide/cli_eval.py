@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 
-from .cli import UsageError
+from .cli import DefaultsHelp, UsageError
 
 HELP = "image metrics: FID (Inception-v3), classifier FD, precision/recall, class consistency"
 
 
 def register(sub):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelp
     ev = sub.add_parser("eval", help=HELP, description=HELP)
     cmds = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
 

@@ -11,11 +11,11 @@ import sys
 import time
 
 from . import presets
-from .cli import UsageError
+from .cli import DefaultsHelp, UsageError
 
 
 def register(sub):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelp
 
     p = sub.add_parser("train", formatter_class=fmt, help="train an image denoiser (EDM2 U-Net)",
                        description="Train an EDM2 U-Net denoiser. Resumes automatically from OUT/state.pt; "
@@ -121,7 +121,8 @@ def run_train(args):
 
 
 def run_sample(args):
-    from .generate import generate, load_models, parse_seeds, save_outputs
+    from .generate import generate, load_models, parse_seeds
+    from .image_files import save_outputs
     seeds = parse_seeds(args.seeds)
     classes = parse_seeds(args.classes) if args.classes else None
     if args.batch < 1 or args.steps < 1:
@@ -150,7 +151,7 @@ def run_prep(args):
 
 
 def run_grid(args):
-    from .generate import side_by_side
+    from .image_files import side_by_side
     if args.titles and len(args.titles) != len(args.images):
         raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
     if os.path.exists(args.out) and not args.force:

@@ -1,5 +1,6 @@
 """`python -m mini_autoguide toy ...`: the 2D toy from the command line."""
 import json
+import math
 import os
 from dataclasses import replace
 
@@ -25,6 +26,8 @@ def register(sub):
     p.add_argument("--guide-width", type=int, help="the autoguidance guide's hidden width (paper: 32)")
     p.add_argument("--guide-iterations", type=int, help="the guide's training iterations (paper: 512)")
     p.add_argument("--guide-ema", type=float, help="the guide's power-EMA length sigma_rel (paper: 0.010)")
+    p.add_argument("--guide-weight", type=float, help="autoguidance's headline weight w (paper: 3; the sweep over w "
+                   "runs either way)")
     _common(p)
     p.set_defaults(run=run_reproduce)
 
@@ -104,9 +107,14 @@ def run_reproduce(args):
     recipe = {k: v for k, v in (("width", args.guide_width), ("iterations", args.guide_iterations),
                                 ("ema_sigma_rel", args.guide_ema)) if v is not None}
 
+    if args.guide_weight is not None and not (math.isfinite(args.guide_weight) and args.guide_weight > 0):
+        raise UsageError(f"--guide-weight must be a positive finite number, got {args.guide_weight}")
+
     def make_settings(seed):
         settings = Settings.fast(seed) if args.fast else Settings(seed=seed)
         settings.guide = replace(settings.guide, **recipe).check()
+        if args.guide_weight is not None:
+            settings.weights = dict(settings.weights, autoguidance=args.guide_weight)
         return settings
 
     make_settings(args.seed)   # a bad guide recipe is refused before anything runs

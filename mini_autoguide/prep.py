@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint import atomic_write, write_json
 from .data import IMAGE_EXTS, LABELS_FILE, DataError
+from .progress import progress_bar
 
 
 def center_crop_dhariwal(image, resolution):
@@ -80,10 +81,7 @@ def prepare(src, out, resolution=64, workers=None, force=False, progress=True):
     files = [os.path.splitext(rel)[0] + ".png" for rel, _ in items]
     jobs = [(os.path.join(src, rel), os.path.join(stage, f), resolution) for (rel, _), f in zip(items, files)]
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs), unit="img", desc="prep")
+    bar = progress_bar(len(jobs), "prep", "img", enabled=progress, leave=True)
     workers = max(1, workers or os.cpu_count() or 1)
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
         for error in pool.imap_unordered(_convert, jobs, chunksize=64):

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .progress import progress_bar
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, dtype=torch.float64, device="cpu"):
@@ -57,7 +58,7 @@ def heun_sample(denoise, x, sigmas, churn=0.0, churn_min=0.0, churn_max=math.inf
     steps = len(sigmas) - 1
     gamma_max = min(churn / steps, math.sqrt(2) - 1) if steps else 0.0
     trajectory = [x] if record else None
-    bar = _progress(steps, progress)
+    bar = progress_bar(steps, "sampling", "step", enabled=progress)
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
 
@@ -91,13 +92,6 @@ def euler_sample(denoise, x, sigmas, **kwargs):
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (sigma_next - sigma) * (x - denoise(x, sigma, **kwargs)) / sigma
     return x
-
-
-def _progress(total, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="sampling", unit="step", leave=False)
 
 
 __all__ = ["sigma_steps", "randn_from_seeds", "SeededNoise", "heun_sample", "euler_sample"]

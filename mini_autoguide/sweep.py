@@ -20,6 +20,7 @@ import time
 
 from .checkpoint import atomic_write, write_json
 from .evaluate import evaluate, seed_text, to_nchw
+from .progress import progress_bar
 
 POINTS = "points.json"
 KEYS = ("name", "method", "main", "guide", "interval", "weight", "seeds", "sampler")
@@ -95,7 +96,7 @@ def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=Fal
         return done
     log(f"sweep: {len(todo)} of {len(todo) + len(done)} points to run ({len(seeds)} samples each) -> {out}")
     models = {}
-    bar = _bar(len(todo), progress)
+    bar = progress_bar(len(todo), "sweep", "point", enabled=progress, leave=True)
     for p in todo:
         t0 = time.time()
         key = (p["main"], p["guide"], p["method"])
@@ -125,13 +126,6 @@ def best(points, metric, names=None):
             if p["name"] not in out or p[metric] < out[p["name"]][metric]:
                 out[p["name"]] = p
     return out
-
-
-def _bar(total, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="sweep", unit="point", dynamic_ncols=True)
 
 
 __all__ = ["expand", "run_sweep", "best", "load_points", "save_points", "point_key"]

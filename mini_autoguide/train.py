@@ -20,12 +20,12 @@ import torch
 
 from . import data as data_mod
 from . import edm, presets
-from .checkpoint import CheckpointError, load_state, save_model, save_state, write_json
+from .checkpoint import load_state, save_model, save_state, write_json
 from .ema import PowerEMA
 from .mp import normalize_weights_
-from .unet import Denoiser, count_parameters
+from .progress import progress_bar
+from .unet import KIND, Denoiser, count_parameters
 
-KIND = "denoiser"
 STATE = "state.pt"
 # Options that define a run: a resumed run must agree on these.
 _RUN_DEFINING = ("preset", "batch", "seed", "ema", "net", "label_dropout", "xflip", "p_mean", "p_std", "num_images")
@@ -120,7 +120,8 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
         f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {classes} classes, batch {batch} "
         f"on {world} x {device.type}, {opts['precision']}, steps {start_step} -> {total_steps}")
     stream = data_mod.batches(dataset, batch, start_step, opts["seed"], rank, world, opts["workers"])
-    bar = _progress(start_step, total_steps, rank == 0 and opts["progress"])
+    bar = progress_bar(total_steps, "train", "step", enabled=rank == 0 and opts["progress"], initial=start_step,
+                       leave=True)
     t0, loss_sum, loss_n, last_loss = time.time(), 0.0, 0, float("nan")
     for step in range(start_step, stop_step):
         _, images, labels = next(stream)
@@ -299,26 +300,3 @@ def _save_snapshots(out, ema, opts, nimg, step, latest=False):
 def _append_log(out, record):
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _progress(start, total, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(initial=start, total=total, unit="step", desc="train", dynamic_ncols=True)
-
-
-def load_denoiser(path, device="cpu"):
-    """A Denoiser from a snapshot file, in eval mode, and its extra info."""
-    state, config, extra = _read(path)
-    net = Denoiser(config["net"])
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit its config: {str(e).splitlines()[0]}") from None
-    return net.to(device).eval().requires_grad_(False), config, extra
-
-
-def _read(path):
-    from .checkpoint import read_model
-    return read_model(path, KIND)

@@ -1,7 +1,8 @@
 """The magnitude-preserving U-Net of EDM2 and its EDM denoiser (EDM2, arXiv 2312.02696, Sec. 2).
 
 Reads top to bottom: Block (one encoder or decoder block), UNet (the
-topology), Denoiser (EDM preconditioning + learned uncertainty u(sigma)).
+topology), Denoiser (EDM preconditioning + learned uncertainty u(sigma)),
+load_denoiser (a stored snapshot back as a Denoiser).
 Every activation is kept at unit magnitude by construction (mp.py), so there
 are no normalisation layers with statistics and no biases.
 
@@ -13,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .edm import SIGMA_DATA, expand, precondition
+from .checkpoint import CheckpointError, read_model
+from .edm import SIGMA_DATA, expand, precondition, sigma_per_sample
 from .mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 
@@ -186,7 +188,7 @@ class Denoiser(torch.nn.Module):
         return class_labels.float().expand(n, -1)
 
     def forward(self, x, sigma, class_labels=None, return_logvar=False):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma = sigma_per_sample(sigma, x)
         c_skip, c_out, c_in, c_noise = precondition(sigma, self.sigma_data)
         labels = self.labels(class_labels, x.shape[0], x.device)
         f = self.unet(expand(c_in, x) * x, c_noise, labels)  # under autocast the convs run in bf16/fp16
@@ -207,3 +209,19 @@ def build(config, device=None):
 
 
 __all__ = ["Block", "UNet", "Denoiser", "build", "count_parameters", "resample"]
+
+
+# ---- storage: safetensors weights with the network's config in the JSON header ----
+KIND = "denoiser"
+
+
+def load_denoiser(path, device="cpu"):
+    """A Denoiser from a snapshot file (train's EMA snapshots, ema's reconstructions),
+    in eval mode; returns (net, config, extra info)."""
+    state, config, extra = read_model(path, KIND)
+    net = Denoiser(config["net"])
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit its config: {str(e).splitlines()[0]}") from None
+    return net.to(device).eval().requires_grad_(False), config, extra

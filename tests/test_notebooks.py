@@ -18,9 +18,9 @@ import torch
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-from mini_autoguide import checks, guidance, sampler
+from mini_autoguide import assignment_checks as checks, guidance, sampler
 from mini_autoguide.ema import sigma_rel_to_gamma
-from toy2d import checks as toy_checks
+from toy2d import assignment_checks as toy_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
@@ -255,8 +255,8 @@ def test_check_mixture_score(capsys):
 
 
 def test_checks_module_stays_generic():
-    """mini_autoguide.checks must not pull in the toy or matplotlib."""
-    code = ("import sys; import mini_autoguide.checks; "
+    """mini_autoguide.assignment_checks must not pull in the toy or matplotlib."""
+    code = ("import sys; import mini_autoguide.assignment_checks; "
             "bad = [m for m in ('toy2d', 'matplotlib') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))

@@ -7,7 +7,7 @@ import torch
 
 from mini_autoguide import cli, generate as gen
 from mini_autoguide.checkpoint import save_model
-from mini_autoguide.train import KIND
+from mini_autoguide.unet import KIND
 
 from image_helpers import assert_close_up_to_reordering, tiny_net
 

@@ -46,6 +46,9 @@ def test_cells_count_pairs_against_their_own_main(study):
     assert cell["pairs"] == 4
     assert cell["fewer_outliers"] == 2 and cell["higher_precision"] == 3
     assert cell["outliers"]["mean"] == pytest.approx(0.15)
+    # the change is against each pair's own main model: -0.02, +0.02, -0.05, +0.05
+    assert cell["outliers_change"]["mean"] == pytest.approx(0.0, abs=1e-15)
+    assert cell["outliers_change"]["std"] == pytest.approx(torch.tensor([-0.02, 0.02, -0.05, 0.05]).double().std().item())
     assert cell["recall"]["std"] == pytest.approx(torch.tensor([0.90, 0.88, 0.86, 0.84]).double().std().item())
     assert none["outliers"] == [0.10, 0.20]
 

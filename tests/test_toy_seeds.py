@@ -115,7 +115,9 @@ def test_cli_seeds_reads_back_finished_seeds_and_refuses_to_overwrite(tmp_path, 
 
 @pytest.mark.parametrize("flag,value,message", [("--guide-width", "0", "width"),
                                                 ("--guide-iterations", "-3", "iterations"),
-                                                ("--guide-ema", "0.5", "sigma_rel")])
+                                                ("--guide-ema", "0.5", "sigma_rel"),
+                                                ("--guide-weight", "nan", "--guide-weight"),
+                                                ("--guide-weight", "-1", "--guide-weight")])
 def test_bad_guide_recipe_is_refused_before_anything_runs(tmp_path, capsys, flag, value, message):
     out = tmp_path / "run"
     assert main(["toy", "reproduce", "--outdir", str(out), flag, value, "--quiet"]) == 2
@@ -130,7 +132,8 @@ def test_guide_recipe_reaches_the_guide(tmp_path, monkeypatch):
     import toy2d.reproduce
     monkeypatch.setattr(toy2d.reproduce, "reproduce", lambda outdir, settings, **kw: seen.setdefault("s", settings))
     main(["toy", "reproduce", "--outdir", str(tmp_path / "r"), "--guide-width", "16", "--guide-iterations", "100",
-          "--guide-ema", "0.05", "--quiet", "--no-figures"])
+          "--guide-ema", "0.05", "--guide-weight", "2", "--quiet", "--no-figures"])
     s = seen["s"]
     assert (s.guide.width, s.guide.iterations, s.guide.ema_sigma_rel) == (16, 100, 0.05)
+    assert s.weights == dict(Settings().weights, autoguidance=2.0)
     assert s.main == Settings().main and s.uncond == Settings().uncond

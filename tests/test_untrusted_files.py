@@ -9,7 +9,7 @@ import torch
 
 from mini_autoguide import cli
 from mini_autoguide.checkpoint import save_model
-from mini_autoguide.train import KIND
+from mini_autoguide.unet import KIND
 from toy2d.reproduce import save_toy
 from toy2d.model import ToyMLP
 from toy2d.train import ToyConfig

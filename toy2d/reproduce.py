@@ -23,7 +23,7 @@ from .metrics import ToyMetrics
 from .model import ToyMLP
 from .train import ToyConfig, model_config, train
 
-METHODS = ("none", "cfg", "autoguidance", "truncation")
+METHODS = guidance.METHODS   # the one list of methods: every method is sampled
 MODEL_KIND = "toy2d-mlp"
 
 

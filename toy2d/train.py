@@ -13,6 +13,7 @@ import torch
 from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
 from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
 from mini_autoguide.mp import normalize_weights_
+from mini_autoguide.progress import progress_bar
 
 from .fractal import CLASSES, gmm as make_gmm
 from .model import ToyMLP
@@ -73,10 +74,7 @@ def train(config, progress=False, callback=None):
     # fused: one pass over all parameters instead of a dozen small ops each
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), fused=True)
     losses = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.iterations, desc=f"toy {config.classes} w{config.width}", unit="it", leave=False)
+    bar = progress_bar(config.iterations, f"toy {config.classes} w{config.width}", "it", enabled=progress)
     for t in range(1, config.iterations + 1):
         # a fresh batch of the class, noised at sigma ~ lognormal(P_mean, P_std)
         y = target.sample(config.batch, generator=gen)                                      # [B, 2]

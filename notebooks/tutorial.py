@@ -1,4 +1,4 @@
-"""What the tutorial notebooks share: the fast/full switch, the three toy
+"""What the tutorial notebooks share (notebook code, not part of the package): the fast/full switch, the three toy
 models (trained once and cached, or loaded from a `toy reproduce` output),
 and the figure conventions (labelled axes, grey-scale-safe colour maps).
 
@@ -12,13 +12,13 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from .reproduce import Settings, load_toy, save_toy
-from .train import train
+from toy2d.reproduce import Settings, load_toy, save_toy
+from toy2d.train import train
 
 FAST_ENV = "MINI_AUTOGUIDE_FAST"
 TOY_DIR_ENV = "MINI_AUTOGUIDE_TOY_DIR"  # a `toy reproduce --outdir` folder to load models from
 CACHE_ENV = "MINI_AUTOGUIDE_CACHE"      # where trained models are kept (the tests use a fresh one)
-DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", ".cache")
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 # Colour maps whose lightness changes monotonically: they read the same in grey.
 DENSITY_CMAP = "Greys"

@@ -4,7 +4,7 @@ HINT, returns True/False, never raises)."""
 import numpy as np
 import torch
 
-from mini_autoguide.checks import CheckFailed, call, compare, report
+from mini_autoguide.assignment_checks import CheckFailed, call, compare, report
 
 from .fractal import GMM, gmm as make_gmm
 
