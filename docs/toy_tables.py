@@ -2,8 +2,9 @@
 reproduce`), or the multi-seed summaries of `toy reproduce --seeds`.
 
     python docs/toy_tables.py docs/results/toy_seed0.json [more.json ...]
-    python docs/toy_tables.py --seeds "paper's guide=docs/results/toy_seeds.json" [label=summary.json ...]
+    python docs/toy_tables.py --seeds "paper's guide=docs/results/toy_seeds.json" [label=summary.json[@w] ...]
     python docs/toy_tables.py --median-seed docs/results/toy_seeds.json
+    python docs/toy_tables.py --seeds-sweep docs/results/toy_seeds.json
 """
 import json
 import sys
@@ -40,13 +41,16 @@ def sweep_table(report):
 
 
 def seeds_table(summaries):
-    """{label: toy2d.seeds summary} -> one markdown table: each method at its headline w,
-    mean +- std over the seeds, and [on how many seeds it beats no guidance]."""
+    """[(label, toy2d.seeds summary), ...] -> one markdown table: each method at its headline w,
+    mean +- std over the seeds, and [on how many seeds it beats no guidance]. Summaries after
+    the first are runs with another guide recipe, or another w of autoguidance's sweep
+    (summary["weight"] = {"autoguidance": w}): they add their autoguidance row."""
     out = ["| guide recipe | method | w | outliers | precision | recall | branch TV |", "|---|---|---|---|---|---|---|"]
-    for label, summary in summaries.items():
-        for name in ROWS:
-            p = next(p for p in summary["points"] if p["method"] == name
-                     and (name == "truth" or p["weight"] == summary["headline"][name]))
+    for i, (label, summary) in enumerate(summaries):
+        # the runs differ in their guide only: after the first, only autoguidance's row is new
+        for name in ROWS if i == 0 else ("autoguidance",):
+            weight = summary.get("weight", {}).get(name, summary["headline"].get(name))
+            p = next(p for p in summary["points"] if p["method"] == name and (name == "truth" or p["weight"] == weight))
             cells = []
             for metric, scale, fmt in (("outliers", 100, "{:.1f}%"), ("precision", 1, "{:.3f}"),
                                        ("recall", 1, "{:.3f}"), ("branch_tv", 1, "{:.3f}")):
@@ -55,9 +59,22 @@ def seeds_table(summaries):
                 cells.append(f"{fmt.format(scale * m['mean'])} ± {fmt.format(scale * m['std']).rstrip('%')}{better}")
             w = f"{p['weight']:g}" if name not in ("truth", "none") else "-"
             out.append(f"| {label} | {NAMES[name]} | {w} | " + " | ".join(cells) + " |")
-    n = {len(s["seeds"]) for s in summaries.values()}
+    n = {len(s["seeds"]) for _, s in summaries}
     out.append(f"\nMean ± std over {'/'.join(map(str, sorted(n)))} seeds; [k]: the seeds on which the method beats "
                "no guidance.")
+    return "\n".join(out)
+
+
+def seeds_sweep_table(summary):
+    """Every method's sweep over w, mean +- std over the seeds [seeds better than no guidance]."""
+    out = ["| method | w | outliers | precision | recall |", "|---|---|---|---|---|"]
+    for name in ("autoguidance", "cfg", "truncation"):
+        for p in sorted((p for p in summary["points"] if p["method"] == name and p["weight"] != 1.0),
+                        key=lambda p: p["weight"]):
+            o, pr, r = (p["metrics"][k] for k in ("outliers", "precision", "recall"))
+            out.append(f"| {NAMES[name]} | {p['weight']:g} | {100 * o['mean']:.1f}% ± {100 * o['std']:.1f} "
+                       f"[{o['beats_none']}] | {pr['mean']:.3f} ± {pr['std']:.3f} [{pr['beats_none']}] "
+                       f"| {r['mean']:.3f} ± {r['std']:.3f} |")
     return "\n".join(out)
 
 
@@ -83,12 +100,19 @@ def main():
         print(f"seed {seed} is nearest the median (distance in stds, summed over {len(TYPICAL)} metrics: "
               + ", ".join(f"seed {s} {d:.2f}" for s, d in zip(summary["seeds"], distance)) + ")")
         return
+    if sys.argv[1:2] == ["--seeds-sweep"]:
+        with open(sys.argv[2]) as f:
+            print(seeds_sweep_table(json.load(f)))
+        return
     if sys.argv[1:2] == ["--seeds"]:
-        summaries = {}
-        for arg in sys.argv[2:]:
+        summaries = []
+        for arg in sys.argv[2:]:   # LABEL=PATH, or LABEL=PATH@W for autoguidance at w = W of the sweep
             label, path = arg.split("=", 1)
+            path, _, weight = path.partition("@")
             with open(path) as f:
-                summaries[label] = json.load(f)
+                summaries.append((label, json.load(f)))
+            if weight:
+                summaries[-1][1]["weight"] = {"autoguidance": float(weight)}
         print(seeds_table(summaries))
         return
     for path in sys.argv[1:]:

@@ -1,7 +1,7 @@
 """Run every tutorial notebook in fast mode and save its last figure, small,
 as docs/img/notebook_NN.png (the thumbnails of docs/notebooks.md).
 
-    python notebooks/make_thumbnails.py [--width 320]
+    python notebooks/make_thumbnails.py [--width 320] [06 ...]   # all tutorials, or those numbered
 
 Trained toy models are cached in notebooks/.cache (as when reading them).
 """
@@ -10,9 +10,13 @@ import base64
 import glob
 import io
 import os
+import sys
 
 import nbclient
 import nbformat
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mini_autoguide.checkpoint import atomic_write  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(os.path.dirname(HERE), "docs", "img")
@@ -39,15 +43,22 @@ def thumbnail(png, width):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=320, help="thumbnail width in pixels (default 320)")
+    parser.add_argument("numbers", nargs="*", help="only the tutorials with these numbers, e.g. 03 06 (default: all)")
     args = parser.parse_args()
     os.environ["MINI_AUTOGUIDE_FAST"] = "1"
     os.makedirs(OUT, exist_ok=True)
     for path in sorted(glob.glob(os.path.join(HERE, "[0-9]*.ipynb"))):
+        if args.numbers and os.path.basename(path)[:2] not in args.numbers:
+            continue
         nb = nbformat.read(path, as_version=4)
         nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
         target = os.path.join(OUT, f"notebook_{os.path.basename(path)[:2]}.png")
-        with open(target, "wb") as f:
-            f.write(thumbnail(last_figure(nb), args.width))
+        png = thumbnail(last_figure(nb), args.width)
+
+        def write(tmp, png=png):
+            with open(tmp, "wb") as f:
+                f.write(png)
+        atomic_write(target, write)
         print(f"wrote {os.path.relpath(target)}")
 
 
