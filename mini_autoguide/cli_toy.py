@@ -22,7 +22,8 @@ def register(sub):
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--seeds", help="run every seed of a list instead of --seed, e.g. 0-9: DIR/seed-<k>/ holds each "
                    "seed's run, DIR/summary.json each metric's per-seed values, mean, std, min and max, DIR/seeds.png "
-                   "each seed's outcome; seeds already finished in DIR are read back, not rerun")
+                   "each seed's outcome; seeds already finished in DIR are read back, not rerun, so an interrupted study "
+                   "resumes and a finished one grows (0-9 after 0-4)")
     p.add_argument("--guide-width", type=int, help="the autoguidance guide's hidden width (paper: 32)")
     p.add_argument("--guide-iterations", type=int, help="the guide's training iterations (paper: 512)")
     p.add_argument("--guide-ema", type=float, help="the guide's power-EMA length sigma_rel (paper: 0.010)")
@@ -128,11 +129,23 @@ def run_reproduce(args):
     from toy2d.seeds import reproduce_seeds, seed_dir
     from .generate import parse_seeds
     seeds = sorted(set(parse_seeds(args.seeds)))
-    _refuse_existing(os.path.join(args.outdir, "summary.json"), args.force, "results")
+    if not _extends(os.path.join(args.outdir, "summary.json"), seeds):
+        _refuse_existing(os.path.join(args.outdir, "summary.json"), args.force, "results")
     if args.force:
         for seed in seeds:
             _clear_run(seed_dir(args.outdir, seed))
     reproduce_seeds(args.outdir, seeds, make_settings, progress=not args.quiet, figures=not args.no_figures)
+
+
+def _extends(summary_path, seeds):
+    """True when summary_path is a seeds summary of a subset of `seeds`: rewriting it from the
+    seed folders (finished ones are read back) loses nothing, so a study can grow."""
+    try:
+        with open(summary_path) as f:
+            old = json.load(f)["seeds"]
+        return set(old) <= set(seeds)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _clear_run(outdir):
@@ -163,8 +176,7 @@ def run_sample(args):
     from mini_autoguide.checkpoint import write_npz
     from toy2d.reproduce import Settings, load_toy, sample, start_points
     _check_device(args)
-    if args.method not in guidance.METHODS:
-        raise UsageError(f"unknown method {args.method!r}: choose one of {', '.join(guidance.METHODS)}")
+    guidance.check_method(args.method)
     guidance.check_weight(args.weight)
     guidance.check_interval(args.interval)
     if args.num < 1 or args.steps < 1:

@@ -40,8 +40,7 @@ def check_compatible(main_cfg, guide_cfg, method):
 
 def load_models(main_path, guide_path=None, method="none", device="cpu"):
     """(main, guide or None) Denoisers in eval mode, checked for compatibility."""
-    if method not in guidance.METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(guidance.METHODS)}")
+    guidance.check_method(method)
     main, main_cfg, _ = load_denoiser(main_path, device)
     guide = None
     if guide_path is not None:

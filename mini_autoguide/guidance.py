@@ -16,6 +16,13 @@ from .edm import expand
 METHODS = ("none", "cfg", "autoguidance", "truncation")
 
 
+def check_method(method):
+    """The one check of a method's name, against the one list of methods (METHODS)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown guidance method {method!r}: choose one of {', '.join(METHODS)}")
+    return method
+
+
 def check_weight(weight):
     weight = float(weight)
     if not math.isfinite(weight):
@@ -79,8 +86,7 @@ def truncation(main, factor):
 def make(method, main, guide=None, weight=1.0, interval=None, guide_kwargs=None):
     """One entry point for all methods: "none", "cfg", "autoguidance", "truncation".
     The arguments are checked either way; weight 1 returns main itself."""
-    if method not in METHODS:
-        raise ValueError(f"unknown guidance method {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     if method == "none":
         return main
     if method == "truncation":

@@ -162,7 +162,7 @@ def test_bad_input(models, tmp_path, capsys):
     out = str(tmp_path / "x.npz")
     common = ["--main", m, "-n", "8", "--steps", "2", "--out", out, "--quiet"]
     assert "unknown class" in bad(capsys, "toy", "train", "--out", str(tmp_path / "c.st"), "--classes", "C")
-    assert "unknown method" in bad(capsys, "toy", "sample", *common, "--method", "magic")
+    assert "unknown guidance method" in bad(capsys, "toy", "sample", *common, "--method", "magic")
     assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "nan")
     assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "inf")
     assert "interval" in bad(capsys, "toy", "sample", *common, "--guide", g, "--interval", "1", "0.5")

@@ -137,3 +137,16 @@ def test_guide_recipe_reaches_the_guide(tmp_path, monkeypatch):
     assert (s.guide.width, s.guide.iterations, s.guide.ema_sigma_rel) == (16, 100, 0.05)
     assert s.weights == dict(Settings().weights, autoguidance=2.0)
     assert s.main == Settings().main and s.uncond == Settings().uncond
+
+
+def test_a_finished_study_grows_but_never_shrinks(tmp_path, capsys, monkeypatch):
+    # summary.json is rewritten from the seed folders: allowed when it loses nothing
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"seeds": [0, 1]}))
+    called = []
+    monkeypatch.setattr(seeds_mod, "reproduce_seeds", lambda outdir, seeds, *a, **k: called.append(seeds))
+    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0-2", "--quiet", "--no-figures"]) == 0
+    assert called == [[0, 1, 2]]
+    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--quiet"]) == 2   # would drop seed 1
+    assert "--force" in capsys.readouterr().err and called == [[0, 1, 2]]
