@@ -140,7 +140,7 @@ def robust(cell_list):
 def table(study):
     cell_list, none = cells(study)
     best = robust(cell_list)
-    lines = [f"No guidance: outliers {100 * np.mean(none['outliers']):.1f}% +- {100 * np.std(none['outliers'], ddof=1):.1f}, "
+    lines = [f"No guidance: outliers {100 * np.mean(none['outliers']):.1f}% ± {100 * np.std(none['outliers'], ddof=1):.1f}, "
              f"precision {np.mean(none['precision']):.3f}, recall {np.mean(none['recall']):.3f} "
              f"({len(none['outliers'])} main seeds).", "",
              "| guide: width, iterations, EMA | w | outliers | change against no guidance | precision | recall "
@@ -150,10 +150,10 @@ def table(study):
         mark = " **(paper)**" if (c["width"], c["iterations"], c["ema"]) == PAPER else ""
         mark += " **(robust)**" if c is best else ""
         lines.append(f"| {c['width']}, {c['iterations']}, {c['ema']:.2f}{mark} | {c['weight']:g} "
-                     f"| {100 * c['outliers']['mean']:.1f}% +- {100 * c['outliers']['std']:.1f} "
-                     f"| {100 * c['outliers_change']['mean']:+.1f} +- {100 * c['outliers_change']['std']:.1f} pts "
-                     f"| {c['precision']['mean']:.3f} +- {c['precision']['std']:.3f} "
-                     f"| {c['recall']['mean']:.3f} +- {c['recall']['std']:.3f} "
+                     f"| {100 * c['outliers']['mean']:.1f}% ± {100 * c['outliers']['std']:.1f} "
+                     f"| {100 * c['outliers_change']['mean']:+.1f} ± {100 * c['outliers_change']['std']:.1f} pts "
+                     f"| {c['precision']['mean']:.3f} ± {c['precision']['std']:.3f} "
+                     f"| {c['recall']['mean']:.3f} ± {c['recall']['std']:.3f} "
                      f"| {c['fewer_outliers']} of {c['pairs']} | {c['higher_precision']} of {c['pairs']} |")
     if best is None:
         lines += ["", f"No recipe keeps a mean recall >= {RECALL_FLOOR}."]
@@ -165,7 +165,7 @@ def table(study):
 
 def figure(path, study):
     """One panel a w: each recipe's change in outliers against the pair's own main
-    model without guidance, mean (dot) and spread over pairs (bar, +- std); below
+    model without guidance, mean (dot) and spread over pairs (bar, ± std); below
     the dashed line at 0 the guide helps. Green: mean recall >= RECALL_FLOOR;
     ringed: the paper's recipe."""
     import matplotlib
@@ -184,7 +184,7 @@ def figure(path, study):
         ax.set_xticks(range(len(recipes)), [f"{r[0]}/{r[1]}/{r[2]:g}" for r in recipes], rotation=90, fontsize=7)
         ax.set_title(f"autoguidance w = {w:g}")
         ax.set_xlabel("guide: width / iterations / EMA sigma_rel")
-    axes[0].set_ylabel("change in outliers against no guidance, % points\n(mean +- std over main x guide seeds)")
+    axes[0].set_ylabel("change in outliers against no guidance, % points\n(mean ± std over main x guide seeds)")
     axes[0].legend(title=f"green: mean recall >= {RECALL_FLOOR}", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

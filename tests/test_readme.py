@@ -31,3 +31,36 @@ def test_import_has_no_plotting_or_notebook_dependency():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _documented_command(text, start):
+    """The one backquoted command in `text` that begins with `start`, as an argument list."""
+    import shlex
+    found = [c for c in text.split("`") if c.startswith(start)]
+    assert len(found) == 1, f"expected one command starting {start!r}, found {found}"
+    return shlex.split(found[0])
+
+
+def test_toy_tables_are_the_output_of_their_documented_commands():
+    # the multi-seed table (README and docs/toy.md) and the guide study's table (docs/toy.md)
+    # are exactly what their committed commands print from the committed results
+    with open(os.path.join(ROOT, "docs", "toy.md")) as f:
+        toy = f.read()
+    for start in ("python docs/toy_tables.py --seeds ", "python experiments/toy_guides.py --outdir docs/results"):
+        args = _documented_command(toy, start)
+        r = subprocess.run([sys.executable] + args[1:], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        table = "\n".join(line for line in r.stdout.splitlines() if line.startswith("|"))
+        assert table.count("\n") > 5 and table in toy, start
+        if start.startswith("python docs/toy_tables.py"):
+            assert table in readme()
+
+
+def test_the_figures_seed_is_the_median_seed():
+    import json
+    import toy_tables
+    with open(os.path.join(ROOT, "docs", "results", "toy_seeds.json")) as f:
+        seed, _ = toy_tables.median_seed(json.load(f))
+    with open(os.path.join(ROOT, "docs", "toy.md")) as f:
+        assert f"from seed {seed}, the seed whose numbers are nearest the median" in f.read()
+    assert os.path.exists(os.path.join(ROOT, "docs", "results", f"toy_seed{seed}.json"))
