@@ -84,7 +84,7 @@ def train_run(preset, precision, compiled, batch, steps, skip, share, device):
     return dict(status="ok", img_per_s=(done - skip) * batch / (time.perf_counter() - t_timed) if t_timed else None,
                 steps=done, timed_steps=done - skip, first_step_s=first_s, first_loss=float(losses[0]),
                 last_loss=float(losses[-1]), all_finite=bool(torch.isfinite(losses).all()),
-                lr_rampup_kimg=opts["rampup_kimg"], stopped_by_budget=done < steps)
+                lr_rampup_kimg=opts.rampup_kimg, stopped_by_budget=done < steps)
 
 
 def sampling_run(main, guide, batch, heun_steps, device):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -23,6 +24,7 @@ from . import edm, presets
 from .checkpoint import load_state, save_model, save_state, write_json
 from .ema import PowerEMA
 from .mp import normalize_weights_
+from .presets import options
 from .progress import progress_bar
 from .unet import KIND, Denoiser, count_parameters
 
@@ -45,17 +47,6 @@ def learning_rate(step, batch, lr_ref, lr_tref, rampup_img):
 
 def snapshot_name(nimg, sigma_rel):
     return f"network-{nimg:09d}-ema{sigma_rel:g}.safetensors"
-
-
-def options(preset="fmnist-main", **overrides):
-    """The full option set: the preset's training defaults, then overrides (None = keep)."""
-    p = presets.get(preset)
-    opts = dict(p["train"], preset=preset, label_dropout=0.0, cond=True, xflip=False, precision="auto",
-                channels_last=True, compile=False, seed=0, device="cpu", workers=2, checkpoint_kimg=None,
-                progress=True, max_steps=None, max_minutes=None)
-    opts.update({k: v for k, v in overrides.items() if v is not None})
-    opts["checkpoint_kimg"] = opts["checkpoint_kimg"] or opts["snapshot_kimg"]
-    return opts
 
 
 def _setup_distributed(device):
@@ -81,11 +72,11 @@ def fast_bf16(device):
 
 
 def _check_precision(opts, device):
-    if opts["precision"] == "auto":
-        opts["precision"] = "bf16" if fast_bf16(device) else "fp32"
-    if opts["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {opts['precision']!r}")
-    if opts["precision"] == "fp16" and device.type != "cuda":
+    if opts.precision == "auto":
+        opts.precision = "bf16" if fast_bf16(device) else "fp32"
+    if opts.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {opts.precision!r}")
+    if opts.precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 with loss scaling needs a GPU; use --precision bf16 on CPU")
 
 
@@ -95,32 +86,33 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
     Resumes from out/state.pt if present (unless force). Returns a summary dict.
     """
     opts = options(preset, **overrides)
-    rank, world, device = _setup_distributed(opts["device"])
+    rank, world, device = _setup_distributed(opts.device)
     _check_precision(opts, device)
     log = log if rank == 0 else (lambda *a, **k: None)
 
     # --- Data and model ---------------------------------------------------------------------
     dataset = data_mod.open_dataset(data) if isinstance(data, (str, os.PathLike)) else data
-    if opts["batch"] % world:
-        raise ValueError(f"batch {opts['batch']} is not divisible by the {world} processes")
-    classes = dataset.num_classes if opts["cond"] else 0
+    if opts.batch % world:
+        raise ValueError(f"batch {opts.batch} is not divisible by the {world} processes")
+    classes = dataset.num_classes if opts.cond else 0
     net_cfg = presets.net_config(preset, resolution=dataset.resolution, img_channels=dataset.channels,
                                  num_classes=classes)
-    opts.update(net=net_cfg, num_images=len(dataset), data=str(data) if isinstance(data, (str, os.PathLike)) else None)
+    opts.net, opts.num_images = net_cfg, len(dataset)
+    opts.data = str(data) if isinstance(data, (str, os.PathLike)) else None
     net, ema, optimizer, scaler = make_trainer(opts, net_cfg, device)
     start_step = _resume_or_start(out, opts, net, ema, optimizer, scaler, force, rank, log)
     model = wrap(net, opts, world, device)
 
     # --- Loop -------------------------------------------------------------------------------
-    batch, local = opts["batch"], opts["batch"] // world
-    total_steps = math.ceil(opts["kimg"] * 1000 / batch)
-    stop_step = total_steps if opts["max_steps"] is None else min(total_steps, start_step + opts["max_steps"])
-    snap_img, ckpt_img = round(opts["snapshot_kimg"] * 1000), round(opts["checkpoint_kimg"] * 1000)
+    batch, local = opts.batch, opts.batch // world
+    total_steps = math.ceil(opts.kimg * 1000 / batch)
+    stop_step = total_steps if opts.max_steps is None else min(total_steps, start_step + opts.max_steps)
+    snap_img, ckpt_img = round(opts.snapshot_kimg * 1000), round(opts.checkpoint_kimg * 1000)
     log(f"training {preset}: {count_parameters(net):,} parameters, {len(dataset):,} images "
         f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {classes} classes, batch {batch} "
-        f"on {world} x {device.type}, {opts['precision']}, steps {start_step} -> {total_steps}")
-    stream = data_mod.batches(dataset, batch, start_step, opts["seed"], rank, world, opts["workers"])
-    bar = progress_bar(total_steps, "train", "step", enabled=rank == 0 and opts["progress"], initial=start_step,
+        f"on {world} x {device.type}, {opts.precision}, steps {start_step} -> {total_steps}")
+    stream = data_mod.batches(dataset, batch, start_step, opts.seed, rank, world, opts.workers)
+    bar = progress_bar(total_steps, "train", "step", enabled=rank == 0 and opts.progress, initial=start_step,
                        leave=True)
     t0, loss_sum, loss_n, last_loss = time.time(), 0.0, 0, float("nan")
     for step in range(start_step, stop_step):
@@ -137,7 +129,7 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{(step + 1 - start_step) * batch / (time.time() - t0):.0f}")
-        out_of_time = opts["max_minutes"] is not None and _agree(time.time() - t0 > 60 * opts["max_minutes"], world)
+        out_of_time = opts.max_minutes is not None and _agree(time.time() - t0 > 60 * opts.max_minutes, world)
         end = step + 1 == stop_step or out_of_time
         if rank == 0 and (nimg // snap_img > prev // snap_img or step + 1 == total_steps):
             _save_snapshots(out, ema, opts, nimg, step + 1)
@@ -163,14 +155,14 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
 
 def make_trainer(opts, net_cfg, device):
     """A fresh network (train mode, its memory layout, weights normalised), its EMA, Adam, and fp16's loss scaler (else None)."""
-    torch.manual_seed(opts["seed"])  # the initial weights
+    torch.manual_seed(opts.seed)  # the initial weights
     net = Denoiser(net_cfg).to(device).train()
-    if opts["channels_last"]:
+    if opts.channels_last:
         net.to(memory_format=torch.channels_last)
     normalize_weights_(net)  # before the EMA copies, so that they start equal to the network
-    ema = PowerEMA(net, opts["ema"])
+    ema = PowerEMA(net, opts.ema)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
-    scaler = torch.amp.GradScaler(device.type) if opts["precision"] == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if opts.precision == "fp16" else None
     return net, ema, optimizer, scaler
 
 
@@ -179,7 +171,7 @@ def wrap(net, opts, world, device):
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    if opts["compile"]:
+    if opts.compile:
         # Without inductor's layout optimisation (re-laying an NCHW convolution graph out channels-last
         # by itself): in torch 2.13 on CPU it gave wrong gradients for the NCHW network (whole attention
         # weights at zero; found with torch._inductor.compiler_bisector). The layout is ours to choose.
@@ -194,17 +186,17 @@ def train_step(net, model, ema, optimizer, scaler, opts, step, y, labels, first=
     steps Adam (through the loss scaler for fp16), updates the EMA and re-normalises the weights.
     Returns the loss, detached (a 0-dim tensor)."""
     device, local = y.device, y.shape[0]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["precision"])
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision)
     sigma, noise, keep, flip = _step_randomness(opts, step, y.shape[1:], device, first, local)
     y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    classes = net.num_classes if opts["cond"] else 0
+    classes = net.num_classes if opts.cond else 0
     onehot = torch.nn.functional.one_hot(labels, classes).float() * keep[:, None] if classes else None
     x = y + edm.expand(sigma, y) * noise
-    if opts["channels_last"]:
+    if opts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, opts["batch"], opts["lr_ref"], opts["lr_tref"], opts["rampup_kimg"] * 1000)
+        group["lr"] = learning_rate(step, opts.batch, opts.lr_ref, opts.lr_tref, opts.rampup_kimg * 1000)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         denoised, logvar = model(x, sigma, onehot, return_logvar=True)
     loss = edm.denoising_loss(denoised.float(), y, sigma, logvar)
@@ -227,12 +219,12 @@ def train_step(net, model, ema, optimizer, scaler, opts, step, y, labels, first=
 
 def _step_randomness(opts, step, shape, device, start, count):
     """This rank's slice [start, start + count) of the global batch's random draws at `step`."""
-    g = torch.Generator(device).manual_seed(opts["seed"] * 1_000_003 + step + 1)
-    n = opts["batch"]
-    sigma = edm.sample_sigma(n, opts["p_mean"], opts["p_std"], generator=g, device=device)
+    g = torch.Generator(device).manual_seed(opts.seed * 1_000_003 + step + 1)
+    n = opts.batch
+    sigma = edm.sample_sigma(n, opts.p_mean, opts.p_std, generator=g, device=device)
     noise = torch.randn((n, *shape), generator=g, device=device)
-    keep = (torch.rand(n, generator=g, device=device) >= opts["label_dropout"]).float()
-    flip = torch.rand(n, generator=g, device=device) < (0.5 if opts["xflip"] else 0.0)
+    keep = (torch.rand(n, generator=g, device=device) >= opts.label_dropout).float()
+    flip = torch.rand(n, generator=g, device=device) < (0.5 if opts.xflip else 0.0)
     s = slice(start, start + count)
     return sigma[s], noise[s], keep[s], flip[s]
 
@@ -261,8 +253,8 @@ def _resume_or_start(out, opts, net, ema, optimizer, scaler, force, rank, log):
         state = load_state(path)
         old = state["opts"]
         for key in _RUN_DEFINING:
-            if json.dumps(old.get(key)) != json.dumps(opts.get(key)):
-                raise ValueError(f"{out} holds a run with {key}={old.get(key)!r}, not {opts.get(key)!r}: "
+            if json.dumps(old.get(key)) != json.dumps(getattr(opts, key)):
+                raise ValueError(f"{out} holds a run with {key}={old.get(key)!r}, not {getattr(opts, key)!r}: "
                                  f"use the same options to resume, or --force to start over")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
@@ -270,13 +262,13 @@ def _resume_or_start(out, opts, net, ema, optimizer, scaler, force, rank, log):
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        log(f"resuming {out} at step {state['step']} ({state['step'] * opts['batch']:,} images)")
+        log(f"resuming {out} at step {state['step']} ({state['step'] * opts.batch:,} images)")
         return int(state["step"])
     if rank == 0 and os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"{out} exists and holds no training state to resume: pass --force to reuse it")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "options.json"), {k: v for k, v in opts.items()})
+        write_json(os.path.join(out, "options.json"), asdict(opts))
         if force and os.path.exists(os.path.join(out, "log.jsonl")):
             os.unlink(os.path.join(out, "log.jsonl"))
     return 0
@@ -285,7 +277,7 @@ def _resume_or_start(out, opts, net, ema, optimizer, scaler, force, rank, log):
 def _save_checkpoint(out, net, ema, optimizer, scaler, opts, step):
     state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict() if scaler else None, rng=torch.get_rng_state(), step=step,
-                 opts={k: v for k, v in opts.items() if k in _RUN_DEFINING})
+                 opts={k: getattr(opts, k) for k in _RUN_DEFINING})
     save_state(os.path.join(out, STATE), state)
 
 
@@ -293,8 +285,8 @@ def _save_snapshots(out, ema, opts, nimg, step, latest=False):
     for sigma_rel, ema_net in zip(ema.sigma_rels, ema.nets):
         name = f"network-latest-ema{sigma_rel:g}.safetensors" if latest else snapshot_name(nimg, sigma_rel)
         save_model(os.path.join(out, name), ema_net, KIND,
-                   dict(net=opts["net"], preset=opts["preset"]),
-                   dict(nimg=nimg, step=step, sigma_rel=sigma_rel, label_dropout=opts["label_dropout"]))
+                   dict(net=opts.net, preset=opts.preset),
+                   dict(nimg=nimg, step=step, sigma_rel=sigma_rel, label_dropout=opts.label_dropout))
 
 
 def _append_log(out, record):

@@ -123,7 +123,7 @@ def test_compiled_training_agrees_with_eager_on_cpu():
     # one; the loss, a smooth function of all of them, moves by about lr x its gradient at most.
     runs = []
     for model, net in ((eager, eager), (compiled, twin)):
-        ema = train_mod.PowerEMA(net, opts["ema"])
+        ema = train_mod.PowerEMA(net, opts.ema)
         optimizer = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
         runs.append([train_mod.train_step(net, model, ema, optimizer, None, opts, s, y, labels).item()
                      for s in range(4)])

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -243,8 +244,18 @@ def test_cli_train_refuses_a_foreign_folder_without_force(tmp_path, capsys):
 
 def test_auto_precision_picks_bf16_only_where_it_is_fast():
     opts = train_mod.options("tiny")
-    assert opts["precision"] == "auto"
+    assert opts.precision == "auto"
     train_mod._check_precision(opts, torch.device("cpu"))
-    assert opts["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert opts.precision == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     with pytest.raises(ValueError, match="fp16 with loss scaling needs a GPU"):
-        train_mod._check_precision(dict(opts, precision="fp16"), torch.device("cpu"))
+        train_mod._check_precision(replace(opts, precision="fp16"), torch.device("cpu"))
+
+
+def test_options_are_the_presets_then_the_overrides():
+    opts = train_mod.options("fmnist-guide", batch=32, seed=None)
+    assert isinstance(opts, presets.TrainOptions)
+    assert (opts.batch, opts.seed, opts.kimg, opts.lr_tref) == (32, 0, 48, 500)    # None keeps the default
+    assert opts.checkpoint_kimg == opts.snapshot_kimg                               # resume state as often as snapshots
+    assert train_mod.options("tiny", checkpoint_kimg=0.5).checkpoint_kimg == 0.5
+    with pytest.raises(ValueError, match="unknown training option"):
+        train_mod.options("tiny", lerning_rate=1.0)
