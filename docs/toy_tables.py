@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from toy2d.seeds import point
+
 ROWS = ("truth", "none", "autoguidance", "cfg", "truncation")
 NAMES = {"truth": "true samples", "none": "no guidance", "autoguidance": "autoguidance",
          "cfg": "CFG", "truncation": "truncation"}
@@ -41,16 +43,15 @@ def sweep_table(report):
 
 
 def seeds_table(summaries):
-    """[(label, toy2d.seeds summary), ...] -> one markdown table: each method at its headline w,
-    mean +- std over the seeds, and [on how many seeds it beats no guidance]. Summaries after
-    the first are runs with another guide recipe, or another w of autoguidance's sweep
-    (summary["weight"] = {"autoguidance": w}): they add their autoguidance row."""
+    """[(label, toy2d.seeds summary, w or None), ...] -> one markdown table: each method at its
+    headline w, mean +- std over the seeds, and [on how many seeds it beats no guidance].
+    Entries after the first are another guide recipe, or another w of autoguidance's sweep
+    (w given): they add their autoguidance row."""
     out = ["| guide recipe | method | w | outliers | precision | recall | branch TV |", "|---|---|---|---|---|---|---|"]
-    for i, (label, summary) in enumerate(summaries):
+    for i, (label, summary, weight) in enumerate(summaries):
         # the runs differ in their guide only: after the first, only autoguidance's row is new
         for name in ROWS if i == 0 else ("autoguidance",):
-            weight = summary.get("weight", {}).get(name, summary["headline"].get(name))
-            p = next(p for p in summary["points"] if p["method"] == name and (name == "truth" or p["weight"] == weight))
+            p = point(summary, name, weight if name == "autoguidance" else None)
             cells = []
             for metric, scale, fmt in (("outliers", 100, "{:.1f}%"), ("precision", 1, "{:.3f}"),
                                        ("recall", 1, "{:.3f}"), ("branch_tv", 1, "{:.3f}")):
@@ -59,7 +60,7 @@ def seeds_table(summaries):
                 cells.append(f"{fmt.format(scale * m['mean'])} ± {fmt.format(scale * m['std']).rstrip('%')}{better}")
             w = f"{p['weight']:g}" if name not in ("truth", "none") else "-"
             out.append(f"| {label} | {NAMES[name]} | {w} | " + " | ".join(cells) + " |")
-    n = {len(s["seeds"]) for _, s in summaries}
+    n = {len(s["seeds"]) for _, s, _ in summaries}
     out.append(f"\nMean ± std over {'/'.join(map(str, sorted(n)))} seeds; [k]: the seeds on which the method beats "
                "no guidance.")
     return "\n".join(out)
@@ -86,7 +87,7 @@ def median_seed(summary):
     """The seed nearest the median: the smallest sum over TYPICAL of |value - median| / std."""
     distance = np.zeros(len(summary["seeds"]))
     for method, metric in TYPICAL:
-        p = next(p for p in summary["points"] if p["method"] == method and p["weight"] == summary["headline"][method])
+        p = point(summary, method)
         v = np.array(p["metrics"][metric]["per_seed"])
         distance += np.abs(v - np.median(v)) / max(v.std(ddof=1), 1e-12)
     return summary["seeds"][int(np.argmin(distance))], distance
@@ -110,9 +111,7 @@ def main():
             label, path = arg.split("=", 1)
             path, _, weight = path.partition("@")
             with open(path) as f:
-                summaries.append((label, json.load(f)))
-            if weight:
-                summaries[-1][1]["weight"] = {"autoguidance": float(weight)}
+                summaries.append((label, json.load(f), float(weight) if weight else None))
         print(seeds_table(summaries))
         return
     for path in sys.argv[1:]:

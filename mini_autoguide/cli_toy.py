@@ -1,6 +1,5 @@
 """`python -m mini_autoguide toy ...`: the 2D toy from the command line."""
 import json
-import math
 import os
 from dataclasses import replace
 
@@ -101,6 +100,7 @@ def _refuse_existing(path, force, what="output"):
 
 def run_reproduce(args):
     from toy2d.reproduce import Settings, reproduce
+    from . import guidance
     _check_device(args)
     if os.path.isfile(args.outdir):
         raise UsageError(f"--outdir {args.outdir} is a file")
@@ -108,8 +108,12 @@ def run_reproduce(args):
     recipe = {k: v for k, v in (("width", args.guide_width), ("iterations", args.guide_iterations),
                                 ("ema_sigma_rel", args.guide_ema)) if v is not None}
 
-    if args.guide_weight is not None and not (math.isfinite(args.guide_weight) and args.guide_weight > 0):
-        raise UsageError(f"--guide-weight must be a positive finite number, got {args.guide_weight}")
+    if args.guide_weight is not None:
+        try:
+            if not guidance.check_weight(args.guide_weight) > 0:
+                raise ValueError(f"it must be positive, got {args.guide_weight}")
+        except ValueError as e:
+            raise UsageError(f"--guide-weight: {e}") from None
 
     def make_settings(seed):
         settings = Settings.fast(seed) if args.fast else Settings(seed=seed)

@@ -5,16 +5,9 @@ import os
 import time
 
 import pytest
+from script_loader import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("fmnist_table", os.path.join(ROOT, "experiments", "fmnist_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(tmp_path, extra):
@@ -23,7 +16,7 @@ def _run(tmp_path, extra):
     import torch
     n = torch.get_num_threads()
     try:
-        _script().main(["--mini", "--out", str(tmp_path / "run"), "--threads", "1", "--quiet"] + extra)
+        load_experiment("fmnist_table").main(["--mini", "--out", str(tmp_path / "run"), "--threads", "1", "--quiet"] + extra)
     finally:
         torch.set_num_threads(n)
     with open(tmp_path / "run" / "results" / "fmnist_table_mini.json") as f:

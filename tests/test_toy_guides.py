@@ -1,22 +1,15 @@
 """The guide study (experiments/toy_guides.py): one training run stands for every
 training length and EMA length, bit for bit, and its statistics count correctly."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from script_loader import load_experiment
 from toy2d.train import ToyConfig, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("toy_guides", os.path.join(ROOT, "experiments", "toy_guides.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("toy_guides")
 
 
 def test_one_run_gives_every_length_and_ema(study, monkeypatch):

@@ -12,7 +12,7 @@ whose metrics.json exists is read back, not rerun, so an interrupted study
 resumes. DIR/summary.json gives, for every (method, w) that was measured (the
 headline methods and every sweep point), each metric's per-seed values, mean,
 standard deviation (ddof = 1), minimum and maximum, and on how many seeds the
-point beats no guidance.
+point beats no guidance, and each seed's run time in seconds (by its own clock).
 """
 import json
 import os
@@ -89,7 +89,8 @@ def summarize(reports):
             point["metrics"][name] = stats
         points.append(point)
     headline = {m: reports[seeds[0]]["methods"][m]["weight"] for m in METHODS}
-    return dict(seeds=seeds, headline=headline, points=points)
+    seconds = [reports[s].get("seconds", {}).get("total") for s in seeds]   # each seed's run, by its own clock
+    return dict(seeds=seeds, headline=headline, points=points, seconds=seconds)
 
 
 def point(summary, method, weight=None):
