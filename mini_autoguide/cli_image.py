@@ -89,10 +89,11 @@ def register(sub):
     p.set_defaults(run=run_prep)
 
     p = sub.add_parser("grid", formatter_class=fmt, help="put images side by side with titles",
-                       description="Concatenate images (e.g. sample grids of several methods) left to right, "
-                                   "with a title above each.")
+                       description="Lay out images (e.g. sample grids of several methods) left to right, "
+                                   "with a title above each; --columns wraps them into rows.")
     p.add_argument("images", nargs="+", help="PNG files")
     p.add_argument("--titles", nargs="+", help="one title per image")
+    p.add_argument("--columns", type=int, help="images per row (default: all in one row)")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling factor")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--force", action="store_true", help="overwrite the output")
@@ -154,6 +155,8 @@ def run_grid(args):
     from .image_files import side_by_side
     if args.titles and len(args.titles) != len(args.images):
         raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
+    if args.columns is not None and args.columns < 1:
+        raise UsageError(f"--columns must be at least 1, got {args.columns}")
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
-    side_by_side(args.images, args.titles, args.out, args.scale)
+    side_by_side(args.images, args.titles, args.out, args.scale, args.columns)

@@ -44,8 +44,9 @@ def save_outputs(out, images, labels, seeds, info, columns=None, force=False):
     write_json(os.path.join(out, "info.json"), info)
 
 
-def side_by_side(paths, titles, out, scale=2):
-    """Images left to right (upscaled by `scale`, nearest), each with its title above. Writes out (PNG)."""
+def side_by_side(paths, titles, out, scale=2, columns=None):
+    """Images in rows of `columns` (default: all in one row), upscaled by `scale` (nearest), each with its
+    title above; every cell is as large as the largest image. Writes out (PNG)."""
     from PIL import Image, ImageDraw
     ims = []
     for p in paths:
@@ -54,13 +55,17 @@ def side_by_side(paths, titles, out, scale=2):
         except Exception as e:
             raise ValueError(f"{p} is not a readable image: {e}") from None
         ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    columns = len(ims) if columns is None else columns
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    rows = -(-len(ims) // columns)
     gap, head = 8, 20 if titles else 0
-    canvas = Image.new("RGB", (sum(i.width for i in ims) + gap * (len(ims) - 1), max(i.height for i in ims) + head),
-                       "white")
-    draw, x = ImageDraw.Draw(canvas), 0
+    cell_w, cell_h = max(i.width for i in ims), max(i.height for i in ims) + head
+    canvas = Image.new("RGB", (min(columns, len(ims)) * (cell_w + gap) - gap, rows * (cell_h + gap) - gap), "white")
+    draw = ImageDraw.Draw(canvas)
     for k, im in enumerate(ims):
-        canvas.paste(im, (x, head))
+        x, y = (k % columns) * (cell_w + gap), (k // columns) * (cell_h + gap)
+        canvas.paste(im, (x, y + head))
         if titles:
-            draw.text((x + 4, 4), titles[k], fill="black")
-        x += im.width + gap
+            draw.text((x + 4, y + 4), titles[k], fill="black")
     atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))

@@ -38,7 +38,7 @@ t=$(now); $PY -m mini_autoguide sample "$MAIN" --guide "$GUIDE" --method autogui
     --interval 0.3 5 --out "$RUN/autoguidance_interval" $COMMON; T[interval]=$(echo "$(now) - $t" | bc)
 
 $PY -m mini_autoguide grid "$RUN"/{none,cfg,autoguidance,autoguidance_interval}/grid.png \
-    --titles "no guidance" "CFG w=2" "autoguidance w=2" "autoguidance w=3, sigma in [0.3, 5]" \
+    --titles "no guidance" "CFG w=2" "autoguidance w=2" "autoguidance w=3, sigma in [0.3, 5]" --columns 2 \
     --out "$RUN/side_by_side.png" --force
 
 $PY - "$RUN" <<PYEOF

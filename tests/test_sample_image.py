@@ -210,3 +210,29 @@ def test_cli_really_exits_2_without_traceback(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_side_by_side_wraps_into_rows_of_equal_cells(tmp_path, capsys):
+    from PIL import Image
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    paths = []
+    for k, colour in enumerate(colours):  # different sizes: every cell takes the largest
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (10 + k, 6), colour).save(paths[-1])
+    out = tmp_path / "grid.png"
+    assert cli.main(["grid", *paths, "--titles", "a", "b", "c", "d", "--columns", "2", "--scale", "2",
+                     "--out", str(out)]) == 0
+    im = Image.open(out).convert("RGB")
+    gap, head, cell_w, cell_h = 8, 20, 2 * 13, 2 * 6 + 20
+    assert im.size == (2 * cell_w + gap, 2 * cell_h + gap)
+    for k, colour in enumerate(colours):  # each image's top-left pixel, under its title, in row-major order
+        x, y = (k % 2) * (cell_w + gap), (k // 2) * (cell_h + gap) + head
+        assert im.getpixel((x, y)) == colour
+    one_row = tmp_path / "row.png"
+    assert cli.main(["grid", *paths, "--out", str(one_row)]) == 0
+    assert Image.open(one_row).size == (4 * cell_w + 3 * gap, 2 * 6)  # no titles, no head
+    capsys.readouterr()
+    assert cli.main(["grid", *paths, "--columns", "0", "--out", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--columns" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad.png").exists()

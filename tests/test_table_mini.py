@@ -33,25 +33,49 @@ def _check_table(tmp_path, table, fid):
         assert r["classifier_fd"] > 0 and precision_count == pytest.approx(round(precision_count), abs=1e-9)
         assert ("inception_fd" in r) == fid
         assert ("classifier_accuracy" in r) == (not r["row"].startswith("unconditional"))
-    # Each row's guide has its role: a smaller model, a shorter-trained one, an unconditional one.
-    assert rows["autoguidance"]["guide"].startswith(os.path.join("models", "small"))
+    # Each row's guide has its role: a smaller model, a shorter-trained one, an unconditional one
+    # (a stored snapshot, or one rebuilt by post-hoc EMA from that model's snapshots).
+    def role(path):
+        return os.path.basename(os.path.dirname(path))
+    assert role(rows["autoguidance"]["guide"]) == "small" and role(rows["CFG"]["guide"]) == "uncond"
     assert rows["ablation: guide trained less only"]["guide"].startswith(os.path.join("models", "main"))
-    assert rows["CFG"]["guide"].startswith(os.path.join("models", "uncond"))
     assert rows["CFG + interval"]["interval"] == [0.28, 1.61]
-    # Every row's chosen w is the best one of its sweep, by the fast metric.
-    with open(tmp_path / "run" / "sweep" / "points.json") as f:
+    # Every row's chosen setting is the best of its sweep, by the fast metric: w for most rows;
+    # EMA_m, EMA_g and w for autoguidance and CFG, from the post-hoc EMA sweep.
+    run = tmp_path / "run"
+    with open(run / "sweep" / "points.json") as f:
         points = json.load(f)
-    assert all(p["seeds"] == "0-23" for p in points)
+    with open(run / "ema_sweep" / "points.json") as f:
+        ema_points = json.load(f)
+    assert all(p["seeds"] == "0-23" for p in points + ema_points)
+    assert len([p for p in ema_points if p["name"] == "autoguidance"]) == 4  # EMA_m x EMA_g x w: 2 x 2 x 1
     for name, r in rows.items():
-        swept = [p for p in points if p["name"] == name]
-        assert r["weight"] == min(swept, key=lambda p: p["classifier_fd"])["weight"]
-    md = (tmp_path / "run" / "results" / "fmnist_table_mini.md").read_text()
-    assert "| autoguidance |" in md and "Target (" in md
-    assert os.path.getsize(tmp_path / "run" / "results" / "fmnist_sweep_mini.png") > 1000
-    sweep_md = (tmp_path / "run" / "results" / "fmnist_sweep_mini.md").read_text()
+        swept = [p for p in (ema_points if name in ("autoguidance", "CFG") else points) if p["name"] == name]
+        best = min(swept, key=lambda p: p["classifier_fd"])
+        assert r["weight"] == best["weight"] and r["main"] == os.path.relpath(best["main"], run)
+        assert r["guide"] == (best["guide"] and os.path.relpath(best["guide"], run))
+    with open(run / "results" / "fmnist_ema_sweep_mini.json") as f:
+        ema = json.load(f)
+    for name in ("autoguidance", "CFG"):
+        assert ema["chosen"][name]["main"] == rows[name]["main"] and ema["chosen"][name]["weight"] == rows[name]["weight"]
+    md = (run / "results" / "fmnist_table_mini.md").read_text()
+    assert "| autoguidance |" in md and "Target (" in md and "| row | EMA_m | guide | EMA_g | w |" in md
+    ag = next(line for line in md.splitlines() if line.startswith("| autoguidance |")).split(" | ")
+    assert (ag[1], ag[3]) == (f"{ema['chosen']['autoguidance']['ema_main']:g}",
+                              f"{ema['chosen']['autoguidance']['ema_guide']:g}")
+    for name in ("fmnist_sweep_mini.png", "fmnist_ema_sweep_mini.png", "fmnist_side_by_side_mini.png"):
+        assert os.path.getsize(run / "results" / name) > 1000
+    from PIL import Image
+    width, height = Image.open(run / "results" / "fmnist_side_by_side_mini.png").size
+    assert width == 2 * 10 * 32 * 2 + 8 and height == 2 * (4 * 32 * 2 + 20) + 8  # 2 x 2 panels of 4 x 10 samples
+    sweep_md = (run / "results" / "fmnist_sweep_mini.md").read_text()
     for name, r in rows.items():  # each row's chosen w is its bold cell
+        if name in ("autoguidance", "CFG"):
+            continue
         line = next(line for line in sweep_md.splitlines() if line.startswith(f"| {name} |"))
         assert line.count("**") == 2 and f"**{r['weight']:g}: " in line
+    ema_md = (run / "results" / "fmnist_ema_sweep_mini.md").read_text()
+    assert ema_md.count("**") == 4  # the two chosen points
 
 
 def test_mini_table_end_to_end_and_resume(tmp_path):
