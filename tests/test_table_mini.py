@@ -76,6 +76,16 @@ def _check_table(tmp_path, table, fid):
         assert line.count("**") == 2 and f"**{r['weight']:g}: " in line
     ema_md = (run / "results" / "fmnist_ema_sweep_mini.md").read_text()
     assert ema_md.count("**") == 4  # the two chosen points
+    # The EMA lengths fixed before training against chosen after, on the final rows' seeds.
+    with open(run / "results" / "fmnist_ema_final_mini.json") as f:
+        compared = {r["row"]: r for r in json.load(f)}
+    assert len(compared) == 5 and all(r["n"] == 32 and "inception_fd" not in r for r in compared.values())
+    for name in ("autoguidance", "CFG"):
+        assert compared[f"EMA: {name}, post hoc"]["classifier_fd"] == rows[name]["classifier_fd"]  # same samples
+        fixed = compared[f"EMA: {name}, fixed"]
+        assert fixed["main"] == os.path.join("models", "main", "network-000000512-ema0.1.safetensors")
+    assert compared["EMA: autoguidance, fixed"]["guide"].endswith("ema0.05.safetensors")
+    assert compared["EMA: no guidance"]["classifier_fd"] == rows["no guidance"]["classifier_fd"]
 
 
 def test_mini_table_end_to_end_and_resume(tmp_path):
