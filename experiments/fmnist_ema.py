@@ -7,9 +7,9 @@ at T/8 for every EMA length of a grid, sweep EMA_m x EMA_g x w for autoguidance 
 (its unconditional model at the main's EMA length, as one network would be), with the fast classifier
 metric on the w sweep's seeds; write the table of every point and the Fig. 3-style plot.
 
-Then the comparison that says what choosing them changes: no guidance, and CFG and autoguidance with
-the EMA lengths fixed before training (the tracked profiles) and chosen after, each at its best w, on
-the final rows' fresh seeds with the classifier metric.
+Then the comparison that says what choosing them changes: no guidance, CFG and autoguidance, each with
+the EMA lengths fixed before training (the tracked profiles) and with those chosen after, each at its
+best w, on the final rows' fresh seeds with the classifier metric.
 
 Used by experiments/fmnist_table.py (`--ema-only` stops after it).
 """
@@ -20,7 +20,7 @@ from mini_autoguide.checkpoint import atomic_write, write_json
 from mini_autoguide.ema import posthoc_file
 from mini_autoguide.evaluate import seed_text
 
-ROWS = ("autoguidance", "CFG")  # the table rows whose models and w this stage chooses
+ROWS = ("no guidance", "CFG", "autoguidance")  # the table rows whose models (and w) this stage chooses
 TRACKED = dict(ema_main=0.10, ema_guide=0.05)  # the EMA lengths the table used before choosing them
 FIGURE_SEEDS = range(40)  # four samples of each class, a class per column
 
@@ -71,18 +71,18 @@ def run(out, cfg, fraction, spaces, refs, sampler, results, suffix, progress, lo
 
 def figure(points, chosen, work, path, sampler, log):
     """The same seeds and classes under no guidance, CFG, and autoguidance before and after choosing the
-    EMA lengths (each at its best w of the sweep), 2 x 2; the panels are kept in WORK."""
+    EMA lengths (each at its best w of the sweep; no guidance and CFG at their chosen EMA_m), 2 x 2;
+    the panels are kept in WORK."""
     from mini_autoguide.generate import generate, load_models
     from mini_autoguide.image_files import make_grid, save_png, side_by_side
     fixed = [p for p in points if p["name"] == "autoguidance" and all(p[k] == v for k, v in TRACKED.items())]
-    none = [p for p in points if p["name"] == "no guidance" and p["ema_main"] == TRACKED["ema_main"]]
-    panels = [(none[0], "no guidance"), (chosen["CFG"], "CFG"),
+    panels = [(chosen["no guidance"], "no guidance"), (chosen["CFG"], "CFG"),
               (min(fixed, key=lambda p: p["classifier_fd"]), "autoguidance, EMA fixed before training"),
               (chosen["autoguidance"], "autoguidance, EMA chosen post hoc")]
     files, titles = [], []
-    for k, (p, what) in enumerate(panels):
-        files.append(os.path.join(work, f"{k}.png"))
+    for p, what in panels:
         ema = f"EMA_m {p['ema_main']:g}" + (f", EMA_g {p['ema_guide']:g}" if p["method"] == "autoguidance" else "")
+        files.append(os.path.join(work, f"{p['method']}-w{p['weight']:g}-{ema.replace(', ', '-').replace(' ', '')}.png"))
         titles.append(f"{what}: w = {p['weight']:g}, {ema}" if p["method"] != "none" else f"{what}: {ema}")
         if not os.path.isfile(files[-1]):
             log(f"figure: {titles[-1]}")
@@ -151,14 +151,15 @@ def _cell(p, chosen):
 
 
 def comparison(points, chosen):
-    """[(row, point)]: no guidance at the tracked EMA_m; CFG and autoguidance at the tracked EMA lengths
-    (their best w there) and at the chosen ones."""
+    """[(row, point)]: no guidance, CFG and autoguidance at the tracked EMA lengths (each at its best w
+    there) and at the chosen ones: every method gets the same chance to gain from choosing."""
     def tracked(name):
         return min((p for p in points if p["name"] == name and p["ema_main"] == TRACKED["ema_main"]
                     and (name != "autoguidance" or p["ema_guide"] == TRACKED["ema_guide"])),
                    key=lambda p: p["classifier_fd"])
     row = lambda name, what: dict(name=name, paper=what)  # noqa: E731
-    return [(row("EMA: no guidance", "tracked EMA"), tracked("no guidance")),
+    return [(row("EMA: no guidance, fixed", "tracked EMA"), tracked("no guidance")),
+            (row("EMA: no guidance, post hoc", "chosen EMA"), chosen["no guidance"]),
             (row("EMA: CFG, fixed", "tracked EMA"), tracked("CFG")),
             (row("EMA: CFG, post hoc", "chosen EMA"), chosen["CFG"]),
             (row("EMA: autoguidance, fixed", "tracked EMA"), tracked("autoguidance")),

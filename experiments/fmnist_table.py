@@ -42,7 +42,7 @@ CONFIGS = {
     "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, snapshots=128, classifier=dict(epochs=3),
                  steps=12, batch=64, compile_final=True, sweep_samples=250, eval_samples=5000, ref_images=None,
                  cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
-                 ema_main=[0.05, 0.10, 0.15], ema_guide=[0.03, 0.05, 0.10],
+                 ema_main=[0.02, 0.03, 0.05, 0.10, 0.15], ema_guide=[0.03, 0.05, 0.10],
                  ema_ag_weights=[1.25, 1.5, 2.0], ema_cfg_weights=[2.0, 2.5, 3.0]),
     "mini": dict(main="tiny", small="tiny", kimg=0.512, snapshots=32, precision="fp32", classifier=dict(epochs=2, limit=2000, channels=[8, 16, 32]),
                  steps=6, sweep_samples=24, eval_samples=32, ref_images=200,

@@ -64,3 +64,20 @@ def test_the_figures_seed_is_the_median_seed():
     with open(os.path.join(ROOT, "docs", "toy.md")) as f:
         assert f"from seed {seed}, the seed whose numbers are nearest the median" in f.read()
     assert os.path.exists(os.path.join(ROOT, "docs", "results", f"toy_seed{seed}.json"))
+
+
+def test_every_linked_file_exists():
+    """Each relative link and image in the README and docs/ names a file of the repository."""
+    import glob
+    import re
+    missing = []
+    for md in ["README.md"] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        path = os.path.join(ROOT, md)
+        with open(path) as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            if not os.path.exists(os.path.join(os.path.dirname(path), target.split("#")[0])):
+                missing.append(f"{os.path.relpath(path, ROOT)}: {target}")
+    assert not missing, missing

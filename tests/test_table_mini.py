@@ -8,6 +8,7 @@ import pytest
 from script_loader import load_experiment
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
+EMA_ROWS = ("no guidance", "CFG", "autoguidance")  # the rows whose EMA lengths post-hoc EMA chooses
 
 
 def _run(tmp_path, extra):
@@ -41,7 +42,7 @@ def _check_table(tmp_path, table, fid):
     assert rows["ablation: guide trained less only"]["guide"].startswith(os.path.join("models", "main"))
     assert rows["CFG + interval"]["interval"] == [0.28, 1.61]
     # Every row's chosen setting is the best of its sweep, by the fast metric: w for most rows;
-    # EMA_m, EMA_g and w for autoguidance and CFG, from the post-hoc EMA sweep.
+    # EMA_m (and EMA_g) and w for no guidance, CFG and autoguidance, from the post-hoc EMA sweep.
     run = tmp_path / "run"
     with open(run / "sweep" / "points.json") as f:
         points = json.load(f)
@@ -50,13 +51,13 @@ def _check_table(tmp_path, table, fid):
     assert all(p["seeds"] == "0-23" for p in points + ema_points)
     assert len([p for p in ema_points if p["name"] == "autoguidance"]) == 4  # EMA_m x EMA_g x w: 2 x 2 x 1
     for name, r in rows.items():
-        swept = [p for p in (ema_points if name in ("autoguidance", "CFG") else points) if p["name"] == name]
+        swept = [p for p in (ema_points if name in EMA_ROWS else points) if p["name"] == name]
         best = min(swept, key=lambda p: p["classifier_fd"])
         assert r["weight"] == best["weight"] and r["main"] == os.path.relpath(best["main"], run)
         assert r["guide"] == (best["guide"] and os.path.relpath(best["guide"], run))
     with open(run / "results" / "fmnist_ema_sweep_mini.json") as f:
         ema = json.load(f)
-    for name in ("autoguidance", "CFG"):
+    for name in EMA_ROWS:
         assert ema["chosen"][name]["main"] == rows[name]["main"] and ema["chosen"][name]["weight"] == rows[name]["weight"]
     md = (run / "results" / "fmnist_table_mini.md").read_text()
     assert "| autoguidance |" in md and "Target (" in md and "| row | EMA_m | guide | EMA_g | w |" in md
@@ -70,22 +71,21 @@ def _check_table(tmp_path, table, fid):
     assert width == 2 * 10 * 32 * 2 + 8 and height == 2 * (4 * 32 * 2 + 20) + 8  # 2 x 2 panels of 4 x 10 samples
     sweep_md = (run / "results" / "fmnist_sweep_mini.md").read_text()
     for name, r in rows.items():  # each row's chosen w is its bold cell
-        if name in ("autoguidance", "CFG"):
+        if name in EMA_ROWS:
             continue
         line = next(line for line in sweep_md.splitlines() if line.startswith(f"| {name} |"))
         assert line.count("**") == 2 and f"**{r['weight']:g}: " in line
     ema_md = (run / "results" / "fmnist_ema_sweep_mini.md").read_text()
-    assert ema_md.count("**") == 4  # the two chosen points
+    assert ema_md.count("**") == 2 * len(EMA_ROWS)  # the chosen points
     # The EMA lengths fixed before training against chosen after, on the final rows' seeds.
     with open(run / "results" / "fmnist_ema_final_mini.json") as f:
         compared = {r["row"]: r for r in json.load(f)}
-    assert len(compared) == 5 and all(r["n"] == 32 and "inception_fd" not in r for r in compared.values())
-    for name in ("autoguidance", "CFG"):
+    assert len(compared) == 6 and all(r["n"] == 32 and "inception_fd" not in r for r in compared.values())
+    for name in EMA_ROWS:
         assert compared[f"EMA: {name}, post hoc"]["classifier_fd"] == rows[name]["classifier_fd"]  # same samples
         fixed = compared[f"EMA: {name}, fixed"]
         assert fixed["main"] == os.path.join("models", "main", "network-000000512-ema0.1.safetensors")
     assert compared["EMA: autoguidance, fixed"]["guide"].endswith("ema0.05.safetensors")
-    assert compared["EMA: no guidance"]["classifier_fd"] == rows["no guidance"]["classifier_fd"]
 
 
 def test_mini_table_end_to_end_and_resume(tmp_path):
