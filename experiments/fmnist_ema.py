@@ -49,14 +49,14 @@ def runs(files, cfg):
     return out
 
 
-def run(out, cfg, fraction, spaces, refs, sampler, results, suffix, progress, log):
-    """Rebuild, sweep (resumable, OUT/ema_sweep), write the table, plot and figure.
+def run(out, record, cfg, fraction, spaces, refs, sampler, results, suffix, progress, log):
+    """Rebuild (into OUT/posthoc), sweep (resumable, RECORD/ema_sweep), write the table, plot and figure.
     Returns ({row: best point}, the grid's points)."""
     files = models(out, cfg, fraction)
     ema_of = {path: s for (_, s), path in files.items()}
     seeds = list(range(cfg["sweep_samples"]))
     grid = runs(files, cfg)
-    points = sweep.run_sweep(grid, os.path.join(out, "ema_sweep"), seeds, spaces, refs, sampler,
+    points = sweep.run_sweep(grid, os.path.join(record, "ema_sweep"), seeds, spaces, refs, sampler,
                              progress=progress, log=log)
     wanted = {(p["name"], p["main"], p["guide"], p["weight"]) for p in sweep.expand(grid)}
     points = [p for p in points if (p["name"], p["main"], p["guide"], p["weight"]) in wanted]  # not an older grid's

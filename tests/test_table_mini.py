@@ -44,9 +44,10 @@ def _check_table(tmp_path, table, fid):
     # Every row's chosen setting is the best of its sweep, by the fast metric: w for most rows;
     # EMA_m (and EMA_g) and w for no guidance, CFG and autoguidance, from the post-hoc EMA sweep.
     run = tmp_path / "run"
-    with open(run / "sweep" / "points.json") as f:
+    record = run / "results" / "fmnist_record"  # every measurement, keyed by its models' SHA-256
+    with open(record / "sweep" / "points.json") as f:
         points = json.load(f)
-    with open(run / "ema_sweep" / "points.json") as f:
+    with open(record / "ema_sweep" / "points.json") as f:
         ema_points = json.load(f)
     assert all(p["seeds"] == "0-23" for p in points + ema_points)
     assert len([p for p in ema_points if p["name"] == "autoguidance"]) == 4  # EMA_m x EMA_g x w: 2 x 2 x 1
@@ -107,9 +108,9 @@ def test_mini_table_end_to_end_and_resume(tmp_path):
     assert time.time() - t0 < max(30.0, first / 3)
     # A row interrupted after sampling resumes from its saved samples (OUT/final/<row>.npz) and
     # gives the same numbers; samples made for another key (other w) are not reused.
-    final = tmp_path / "run" / "final"
-    os.remove(final / "cfg.json")
-    os.remove(final / "no-guidance.json")
+    final, recorded = tmp_path / "run" / "final", tmp_path / "run" / "results" / "fmnist_record" / "final"
+    os.remove(recorded / "cfg.json")
+    os.remove(recorded / "no-guidance.json")
     import numpy as np
     with np.load(final / "no-guidance.npz") as f:
         arrays = {k: f[k] for k in f.files}
@@ -117,7 +118,7 @@ def test_mini_table_end_to_end_and_resume(tmp_path):
     np.savez_compressed(final / "no-guidance.npz", **arrays)
     # --report writes the finished rows and marks the others pending, measuring nothing.
     partial = _run(tmp_path, ["--no-fid", "--report"])
-    assert partial["partial"] and not (final / "cfg.json").exists()
+    assert partial["partial"] and not (recorded / "cfg.json").exists()
     assert [r["row"] for r in partial["rows"] if r.get("pending")] == ["no guidance", "CFG"]
     assert [r for r in partial["rows"] if not r.get("pending")] == [r for r in table["rows"][2:]]
     md = (tmp_path / "run" / "results" / "fmnist_table_mini.md").read_text()
@@ -138,6 +139,20 @@ def test_mini_table_end_to_end_and_resume(tmp_path):
             if k != "seconds":
                 assert new[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (old["row"], k)
     assert not [f for f in os.listdir(final) if "features" in f]  # partial features removed when done
+    # OUT lost but the record kept (a fresh checkout): the run retrains everything, to the same
+    # bytes (training is deterministic per seed), so every recorded measurement's key (its models'
+    # SHA-256) matches and nothing is measured again: the record is unchanged, byte for byte.
+    record = tmp_path / "run" / "results" / "fmnist_record"
+    before = {p: p.read_bytes() for p in sorted(record.rglob("*")) if p.is_file()}
+    import shutil
+    for entry in os.listdir(tmp_path / "run"):
+        if entry != "results":
+            shutil.rmtree(tmp_path / "run" / entry) if (tmp_path / "run" / entry).is_dir() else os.remove(tmp_path / "run" / entry)
+    rebuilt = _run(tmp_path, ["--no-fid"])
+    assert {p: p.read_bytes() for p in sorted(record.rglob("*")) if p.is_file()} == before
+    # points.json/.csv of the two sweeps; the 8 rows; at least 3 comparison rows (fixed = chosen is measured once)
+    assert len(before) >= 2 * 2 + 8 + 3
+    assert rebuilt["rows"] == resumed["rows"]
 
 
 @pytest.mark.slow
