@@ -94,7 +94,9 @@ def train_classifier(train_set, test_set, out, log=print, progress=True, limit=N
     accuracy = float(np.mean(predict(net, test_set.images) == np.asarray(test_set.labels)))
     summary = dict(test_accuracy=accuracy, test_images=int(len(test_set.images)), train_images=int(len(images)),
                    train_seconds=round(time.time() - t0, 1), options=opts)
-    save_model(out, net, KIND, config, summary)
+    # The timing goes to the JSON beside it only: the weights file stays the same byte for byte when
+    # retrained, so its SHA-256 can key the measurements made with it.
+    save_model(out, net, KIND, config, {k: v for k, v in summary.items() if k != "train_seconds"})
     write_json(_json_path(out), dict(config=config, **summary))
     log(f"classifier: test accuracy {accuracy:.4f} on {len(test_set.images):,} images "
         f"({len(images):,} training images, {summary['train_seconds']:.0f} s) -> {out}")
