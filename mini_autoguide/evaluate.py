@@ -27,12 +27,17 @@ K = 3  # k-NN precision/recall neighbourhood (Kynkaanniemi et al. 2019)
 
 
 def file_digest(path, _cache={}):
-    """SHA-256 of a file (memoised per path, size and mtime)."""
+    """SHA-256 of a file's content (memoised per path, size and mtime). For safetensors, of its
+    header with sorted keys, then its tensor bytes: the library writes the metadata in an order
+    that changes from one save to the next, so equal models would otherwise hash differently."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
+            if os.fspath(path).endswith(".safetensors"):
+                size = int.from_bytes(f.read(8), "little")
+                h.update(json.dumps(json.loads(f.read(size)), sort_keys=True).encode())
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         _cache[key] = h.hexdigest()

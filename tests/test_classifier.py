@@ -48,13 +48,16 @@ def test_classifier_reaches_stated_accuracy_on_a_subset(fmnist, tmp_path):
     # Wrong labels score near chance: accuracy really compares against the labels.
     assert space.accuracy(images, (test_set.labels[:500] + 1) % 10) < 0.3
 
-    # Retrained, the weights file is the same byte for byte (its timing lives in clf.json only), so its
-    # SHA-256 can key measurements made with it (experiments/fmnist_table.py's record).
+    # Retrained, the weights file has the same content (its timing lives in clf.json only), so its
+    # digest can key measurements made with it (experiments/fmnist_table.py's record). The digest
+    # sorts the header: safetensors writes the metadata keys in an order that varies between saves.
+    from mini_autoguide.evaluate import file_digest
     again = str(tmp_path / "again.safetensors")
     classifier.train_classifier(train_set, Subset(test_set, 500), again, progress=False,
                                 log=lambda *a: None, limit=1000, epochs=4, batch=50, channels=[8, 16, 32])
+    assert file_digest(out) == file_digest(again)
     with open(out, "rb") as a, open(again, "rb") as b:
-        assert a.read() == b.read()
+        assert a.read()[-10_000:] == b.read()[-10_000:]  # the tensors' bytes
 
 
 def test_bad_classifier_file_is_refused(tmp_path):
