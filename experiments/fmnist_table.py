@@ -8,7 +8,7 @@ with the fast classifier metric, then measures each row at its best setting
 with FID (Inception-v3), the classifier FD, precision/recall and class
 accuracy on fresh seeds. Re-running skips every finished step.
 
-    python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~5 h on 2 cores: resume it across sessions)
+    python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~7 h on 2 cores: resumable)
     python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
 
 Writes OUT/... (models, samples, reference statistics; not committed), the
@@ -16,7 +16,7 @@ measurements to RECORD/... (each sweep point and final row, keyed by the SHA-256
 of the models and feature networks it used) and the table to
 RESULTS/fmnist_table[_mini].md/.json and RESULTS/fmnist_sweep[_mini].png
 (RESULTS: docs/results for the full table, OUT/results for --mini; RECORD:
-RESULTS/fmnist_record). The record is small and committed: a later session,
+RESULTS/fmnist_record). The record is small and committed: a later run,
 whose OUT is gone, retrains the models (bit for bit: training is deterministic
 per seed on one machine) and measures only what the record does not hold.
 """

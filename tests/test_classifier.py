@@ -56,8 +56,6 @@ def test_classifier_reaches_stated_accuracy_on_a_subset(fmnist, tmp_path):
     classifier.train_classifier(train_set, Subset(test_set, 500), again, progress=False,
                                 log=lambda *a: None, limit=1000, epochs=4, batch=50, channels=[8, 16, 32])
     assert file_digest(out) == file_digest(again)
-    with open(out, "rb") as a, open(again, "rb") as b:
-        assert a.read()[-10_000:] == b.read()[-10_000:]  # the tensors' bytes
 
 
 def test_bad_classifier_file_is_refused(tmp_path):

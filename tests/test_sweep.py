@@ -119,6 +119,27 @@ def test_sweep_resumes_after_interruption(tmp_path, snapshots):
     json.dumps(sweep.load_points(out))  # all plain JSON
 
 
+def test_file_digest_ignores_metadata_order_not_content(tmp_path):
+    """safetensors writes its metadata keys in a varying order: the digest sorts the header,
+    and still sees every tensor byte and every metadata value."""
+    import struct
+    from mini_autoguide.checkpoint import save_tensors
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_tensors(a, state, "denoiser", {"c": 1}, {"e": 2})
+    with open(a, "rb") as f:  # the same file with its header's keys in reverse order
+        size = struct.unpack("<Q", f.read(8))[0]
+        header, data = json.loads(f.read(size)), f.read()
+    text = json.dumps(dict(reversed(list(header.items())))).encode().ljust(size)
+    with open(b, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+    assert open(a, "rb").read() != open(b, "rb").read() and evaluate.file_digest(a) == evaluate.file_digest(b)
+    save_tensors(b, {"w": state["w"] + 1}, "denoiser", {"c": 1}, {"e": 2})
+    assert evaluate.file_digest(a) != evaluate.file_digest(b)
+    save_tensors(b, state, "denoiser", {"c": 2}, {"e": 2})
+    assert evaluate.file_digest(a) != evaluate.file_digest(b)
+
+
 def test_sweep_reuses_points_only_for_the_same_model_bytes(tmp_path, snapshots):
     """A point's key holds the SHA-256 of its model files: a points.json kept from another session is
     reused where the model was rebuilt bit for bit, and measured again where it was not."""
