@@ -13,26 +13,36 @@ best w, on the final rows' fresh seeds with the classifier metric.
 
 Used by experiments/fmnist_table.py (`--ema-only` stops after it).
 """
+import math
 import os
 
 from mini_autoguide import sweep
 from mini_autoguide.checkpoint import atomic_write, write_json
 from mini_autoguide.ema import posthoc_file
 from mini_autoguide.evaluate import seed_text
+from mini_autoguide.train import options, snapshot_name
 
 ROWS = ("no guidance", "CFG", "autoguidance")  # the table rows whose models (and w) this stage chooses
 TRACKED = dict(ema_main=0.10, ema_guide=0.05)  # the EMA lengths the table used before choosing them
 FIGURE_SEEDS = range(40)  # four samples of each class, a class per column
 
 
-def models(out, cfg, fraction):
-    """{(role, sigma_rel): model path} for the grid: main and uncond at T, small at T/fraction."""
+def models(out, cfg, fraction, build=True):
+    """{(role, sigma_rel): model path} for the grid: main and uncond at T, small at T/fraction.
+    build=False: the paths alone, reading and writing nothing (the run's snapshot for an EMA length its
+    training tracked, else where its reconstruction is kept): for a machine that holds only some models."""
     T, folder = cfg["kimg"], lambda name: os.path.join(out, "models", name)  # noqa: E731
     files = {}
-    for role, name, kimg, grid in (("main", "main", T, cfg["ema_main"]), ("uncond", "uncond", T, cfg["ema_main"]),
-                                   ("guide", "small", T / fraction, cfg["ema_guide"])):
+    for role, name, preset, kimg, grid in (("main", "main", cfg["main"], T, cfg["ema_main"]),
+                                           ("uncond", "uncond", cfg["main"], T, cfg["ema_main"]),
+                                           ("guide", "small", cfg["small"], T / fraction, cfg["ema_guide"])):
         for s in grid:
-            files[role, s] = posthoc_file(folder(name), s, kimg, os.path.join(out, "posthoc", name))
+            if build:
+                files[role, s] = posthoc_file(folder(name), s, kimg, os.path.join(out, "posthoc", name))
+                continue
+            tracked = any(math.isclose(s, t) for t in options(preset).ema)
+            files[role, s] = os.path.join(folder(name) if tracked else os.path.join(out, "posthoc", name),
+                                          snapshot_name(round(kimg * 1000), s))
     return files
 
 
@@ -53,20 +63,32 @@ def run(out, record, cfg, fraction, spaces, refs, sampler, results, suffix, prog
     """Rebuild (into OUT/posthoc), sweep (resumable, RECORD/ema_sweep), write the table, plot and figure.
     Returns ({row: best point}, the grid's points)."""
     files = models(out, cfg, fraction)
-    ema_of = {path: s for (_, s), path in files.items()}
-    seeds = list(range(cfg["sweep_samples"]))
-    grid = runs(files, cfg)
-    points = sweep.run_sweep(grid, os.path.join(record, "ema_sweep"), seeds, spaces, refs, sampler,
-                             progress=progress, log=log)
-    wanted = {(p["name"], p["main"], p["guide"], p["weight"]) for p in sweep.expand(grid)}
-    points = [p for p in points if (p["name"], p["main"], p["guide"], p["weight"]) in wanted]  # not an older grid's
-    for p in points:
-        p["ema_main"], p["ema_guide"] = ema_of[p["main"]], ema_of.get(p["guide"])
-    chosen = sweep.best(points, "classifier_fd", ROWS)
+    points = sweep.run_sweep(runs(files, cfg), os.path.join(record, "ema_sweep"), list(range(cfg["sweep_samples"])),
+                             spaces, refs, sampler, progress=progress, log=log)
+    chosen, points = choose(points, files, cfg)
     write(results, suffix, points, chosen, cfg, out)
     figure(points, chosen, os.path.join(out, "figure"), os.path.join(results, f"fmnist_side_by_side{suffix}.png"),
            sampler, log)
     return chosen, points
+
+
+def recorded(out, record, cfg, fraction, spaces, sampler):
+    """What run() returns, from the record alone, reading no model: for a machine that holds only the models
+    of the final rows (fmnist_table.py --final-from-record). Every point of the grid must be recorded."""
+    files = models(out, cfg, fraction, build=False)
+    points = sweep.recorded(runs(files, cfg), os.path.join(record, "ema_sweep"), list(range(cfg["sweep_samples"])),
+                            spaces, sampler)
+    return choose(points, files, cfg)
+
+
+def choose(points, files, cfg):
+    """({row: the point of lowest classifier FD}, the grid's points labelled with their EMA lengths)."""
+    wanted = {(p["name"], p["main"], p["guide"], p["weight"]) for p in sweep.expand(runs(files, cfg))}
+    points = [p for p in points if (p["name"], p["main"], p["guide"], p["weight"]) in wanted]  # not an older grid's
+    ema_of = {path: s for (_, s), path in files.items()}
+    for p in points:
+        p["ema_main"], p["ema_guide"] = ema_of[p["main"]], ema_of.get(p["guide"])
+    return sweep.best(points, "classifier_fd", ROWS), points
 
 
 def figure(points, chosen, work, path, sampler, log):

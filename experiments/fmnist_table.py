@@ -76,12 +76,23 @@ def main(argv=None):
                         "final rows' seeds with the classifier metric")
     p.add_argument("--sweep-only", action="store_true",
                    help="stop after the sweeps: write their plot and table (the final rows are the long part)")
+    p.add_argument("--final-from-record", action="store_true",
+                   help="measure only the final rows, at the settings the recorded sweeps chose, reading only the "
+                        "models those rows use (each checked against the record's SHA-256): to measure on "
+                        "another machine, such as a GPU, carrying the work folder's few files it needs")
+    p.add_argument("--device", default="cpu",
+                   help="where the final rows sample and run Inception, e.g. cuda (float32 throughout: TF32 "
+                        "off); recorded with each row")
+    p.add_argument("--batch", type=int, help="the final rows' sampling batch (default 64; the noise is per seed, "
+                                             "so the batch changes the samples by float rounding only)")
     p.add_argument("--report", action="store_true",
                    help="write the table of the final rows finished so far, marking the others pending; "
                         "measures nothing new (for a run that spans sessions)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):  # float32 as on the CPU: TF32 would round convolutions' inputs to 10 bits
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = CONFIGS["mini" if args.mini else "full"]
     suffix = "_mini" if args.mini else ""
     results = args.results or (os.path.join(args.out, "results") if args.mini else os.path.join("docs", "results"))
@@ -105,38 +116,62 @@ def main(argv=None):
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
-    ema_chosen, ema_points = fmnist_ema.run(args.out, record, cfg, FRACTION, [clf], refs, sampler, results, suffix,
-                                            progress, log)
+    from_record = args.final_from_record
+    if from_record:
+        ema_chosen, ema_points = _or_exit(fmnist_ema.recorded, args.out, record, cfg, FRACTION, [clf], sampler)
+    else:
+        ema_chosen, ema_points = fmnist_ema.run(args.out, record, cfg, FRACTION, [clf], refs, sampler, results,
+                                                suffix, progress, log)
     seeds = list(range(1_000_000, 1_000_000 + cfg["eval_samples"]))  # fresh seeds: w was chosen on others
-    final_sampler = dict(sampler, compile=cfg.get("compile_final", False))  # 5,000 samples repay compilation
+    # 5,000 samples repay compilation on a CPU; on a GPU these small networks sample in seconds without it
+    final_sampler = dict(sampler, compile=cfg.get("compile_final", False) and args.device == "cpu",
+                         device=args.device, batch=args.batch or sampler["batch"])
     compared, measured = [], {}  # a chosen setting that is the tracked one is measured once
     for row, point in fmnist_ema.comparison(ema_points, ema_chosen):
         if id(point) not in measured:
             measured[id(point)] = final_row(row, point, [clf], dict(refs), seeds, final_sampler, args.out, record,
-                                            log, compute=not args.report)
+                                            log, compute=not (args.report or from_record))
         compared.append(dict(measured[id(point)], row=row["name"], paper=row["paper"]))
-    fmnist_ema.write_comparison(results, suffix, compared, cfg)
+    if not from_record:
+        fmnist_ema.write_comparison(results, suffix, compared, cfg)
     if args.ema_only:
         return
     runs = sweep_runs(models, cfg)
-    points = sweep.run_sweep(runs, os.path.join(record, "sweep"), list(range(cfg["sweep_samples"])), [clf],
-                             refs, sampler, progress=progress, log=log)
+    sweep_seeds = list(range(cfg["sweep_samples"]))
+    if from_record:
+        points = _or_exit(sweep.recorded, runs, os.path.join(record, "sweep"), sweep_seeds, [clf], sampler)
+    else:
+        points = sweep.run_sweep(runs, os.path.join(record, "sweep"), sweep_seeds, [clf], refs, sampler,
+                                 progress=progress, log=log)
     chosen = sweep.best(points, "classifier_fd")
-    write_sweep(results, suffix, points, chosen, cfg)
+    if not from_record:
+        write_sweep(results, suffix, points, chosen, cfg)
     chosen.update(ema_chosen)  # these rows take their EMA lengths and w from the post-hoc EMA sweep
+    if from_record:  # before any long work: every final row's models here, with the bytes the sweeps measured
+        for row in ROWS:
+            _or_exit(sweep.check_models, chosen[row["name"]])
     if args.sweep_only:
         return
 
     spaces = [clf]
     if not args.no_fid:
         from mini_autoguide.fid import Inception
-        spaces.append(Inception(args.inception))
+        spaces.append(Inception(args.inception, device=args.device))
         refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
     rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, record, log,
                       compute=not args.report) for row in ROWS]
     timings = stage_seconds(args.out, clf_path, refs, points + ema_points, rows + list(measured.values()))
     timings["wall_this_run"] = round(time.time() - t_start, 1)
     write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
+
+
+def _or_exit(fn, *args):
+    """fn(*args), or one line on stderr and exit code 2 where the record or the models do not fit."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def stage_seconds(out, clf_path, refs, points, rows):
@@ -243,14 +278,18 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     if not compute:
         return dict(row=row["name"], paper=row["paper"], weight=point["weight"], pending=True,
                     main=os.path.relpath(point["main"], out), guide=point["guide"] and os.path.relpath(point["guide"], out))
-    log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples")
+    sweep.check_models(point)  # the key names the bytes the samples come from
+    device = torch.device(sampler.get("device", "cpu"))
+    n = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {n} thread{'s' * (n != 1)}"
+    log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples ({where})")
     # Two checkpoints, so that a row interrupted across sessions loses little: the samples
     # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
     samples = os.path.join(out, "final", f"{slug}.npz")
     cached = _cached_samples(samples, key)
     if cached is None:
         t0 = time.time()
-        main, guide = load_models(point["main"], point["guide"], point["method"])
+        main, guide = load_models(point["main"], point["guide"], point["method"], device=device)
         images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
         sample_seconds = time.time() - t0
         write_npz(samples, compressed=True, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
@@ -262,7 +301,7 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     metrics = evaluate(to_nchw(images), spaces, refs, labels, partial=samples[:-4] + ".features", log=log)
     result = dict(key=key, row=row["name"], paper=row["paper"], method=point["method"], weight=point["weight"],
                   main=os.path.relpath(point["main"], out), guide=point["guide"] and os.path.relpath(point["guide"], out),
-                  interval=point["interval"], seeds=seed_text(seeds),
+                  interval=point["interval"], seeds=seed_text(seeds), device=where, torch=torch.__version__,
                   seconds=round(sample_seconds + time.time() - t0, 1), **metrics)
     write_json(path, result)
     return result
@@ -355,12 +394,20 @@ def markdown(rows, info):
                      f"{_fmt(r.get('inception_fd'))} | {pr['inception']} | {_fmt(r.get('classifier_fd'), 2)} | "
                      f"{pr['classifier']} | {_fmt(r.get('classifier_accuracy'), 3)} | {r['paper']} |")
     t, threads = info["timings_s"], f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    where = {}
+    for r in done:  # rows measured before the device was recorded ran on the CPU
+        where.setdefault(f"{r.get('device', 'cpu')}, torch {r['torch']}" if "torch" in r else "cpu", []).append(r["row"])
     lines += ["", "P / R: k-NN precision / recall (k = 3) in each feature space.",
-              "", target_check(rows), "",
-              f"Wall-clock time of each part ({threads}, summed over the runs that built it; an "
+              "", target_check(rows), ""]
+    if where:
+        lines += ["Final rows sampled and measured on: " + "; ".join(
+                  f"{name} ({len(names)} row{'s' if len(names) != 1 else ''})" for name, names in where.items())
+                  + ". Everything before them (training, sweeps) on the CPU.", ""]
+    lines += [f"Wall-clock time of each part ({threads} on the CPU, summed over the runs that built it; an "
               f"upper bound, as it includes any other work the machine did meanwhile): classifier "
               f"{_fmt(t['classifier'], 0)} s, training {_fmt(t['train'], 0)} s, reference statistics "
-              f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s; "
+              f"{_fmt(t['reference'], 0)} s, sweeps {_fmt(t['sweep'], 0)} s, final rows {_fmt(t['final'], 0)} s "
+              f"(on the machines named above); "
               f"total {t['total'] / 3600:.2f} h.", "", f"Command: `{info['command']}`"]
     return "\n".join(lines) + "\n"
 

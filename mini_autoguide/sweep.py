@@ -125,6 +125,38 @@ def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=Fal
     return done
 
 
+def recorded(runs, out, seeds, spaces, sampler=None):
+    """The points of `runs` that OUT holds for these seeds, feature spaces and sampler, matched on their
+    definition but not on the models' SHA-256, so that the model files need not be here (a machine that
+    holds only the models it will sample from): check_models(point) before using a point's models.
+    Raises ValueError if a point is missing, or recorded twice for other model bytes."""
+    sampler, seeds_text = dict(sampler or {}), seed_text(seeds)
+    space_digests = {s.name: file_digest(s.path) if getattr(s, "path", None) else None for s in spaces}
+    definition = lambda p: json.dumps([p.get(k) for k in ("name", "method", "main", "guide", "interval", "weight")])  # noqa: E731
+    wanted = {definition(p) for p in expand(runs)}
+    found = {}
+    for p in load_points(out):
+        if p.get("seeds") == seeds_text and p.get("sampler") == sampler and p.get("spaces") == space_digests:
+            k = definition(p)
+            if k in found and point_key(found[k]) != point_key(p):
+                raise ValueError(f"{out} holds {p['name']} at w = {p['weight']:g} for two versions of its models: "
+                                 "run the sweep with the models present")
+            if k in wanted:
+                found[k] = p
+    if len(found) < len(wanted):
+        raise ValueError(f"{out} holds {len(found)} of the sweep's {len(wanted)} points: run the sweep")
+    return list(found.values())
+
+
+def check_models(point):
+    """Raise ValueError unless the point's model files are here with the bytes it was measured on."""
+    for role in ("main", "guide"):
+        path = point.get(role)
+        if path and (not os.path.isfile(path) or file_digest(path) != point[f"{role}_sha256"]):
+            raise ValueError(f"{path}: {'missing' if not os.path.isfile(path) else 'not the model'} the record's "
+                             f"{point['name']} at w = {point['weight']:g} was measured on")
+
+
 def best(points, metric, names=None):
     """{run name: the point with the lowest `metric`} (over weights and snapshots)."""
     out = {}
@@ -135,4 +167,4 @@ def best(points, metric, names=None):
     return out
 
 
-__all__ = ["expand", "run_sweep", "best", "load_points", "save_points", "point_key"]
+__all__ = ["expand", "run_sweep", "recorded", "check_models", "best", "load_points", "save_points", "point_key"]
