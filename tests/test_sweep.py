@@ -160,6 +160,35 @@ def test_sweep_reuses_points_only_for_the_same_model_bytes(tmp_path, snapshots):
     shutil.copy(snapshots[0], main)  # rebuilt bit for bit: the first measurement stands
     space = PixelSpace()
     assert sweep.run_sweep(runs, out, seeds, spaces=[space], **kw) == points and space.calls == 0
+    # Without the models, the record alone cannot say which of two measured versions is meant.
+    with pytest.raises(ValueError, match="two versions"):
+        sweep.recorded(runs, out, seeds, [PixelSpace()], kw["sampler"])
+
+
+def test_recorded_points_need_no_models_but_check_them_before_use(tmp_path, snapshots):
+    """sweep.recorded matches points on their definition alone (the models may be elsewhere);
+    check_models then refuses a point whose model is missing or holds other bytes."""
+    import shutil
+    main, guide = str(tmp_path / "main.safetensors"), str(tmp_path / "guide.safetensors")
+    shutil.copy(snapshots[0], main)
+    shutil.copy(snapshots[1], guide)
+    images, _ = _toy_images(60, seed=1)
+    sampler, seeds, out = dict(steps=3, sigma_max=20.0, batch=6), list(range(6)), str(tmp_path / "sweep")
+    runs = _runs(main, guide, [1.5])
+    done = sweep.run_sweep(runs, out, seeds, [PixelSpace()], {"pixels": evaluate.Reference.compute(
+        PixelSpace(), images, dict(space="pixels"))}, sampler, progress=False, log=lambda *a: None)
+    os.remove(guide)  # elsewhere now: the record still answers
+    assert sweep.recorded(runs, out, seeds, [PixelSpace()], sampler) == done
+    with pytest.raises(ValueError, match="holds 2 of the sweep's 3 points"):
+        sweep.recorded(_runs(main, guide, [1.5, 2.0]), out, seeds, [PixelSpace()], sampler)
+    with pytest.raises(ValueError, match="holds 0 of"):  # measured with other sampler settings
+        sweep.recorded(runs, out, seeds, [PixelSpace()], dict(sampler, steps=4))
+    sweep.check_models(done[0])
+    with pytest.raises(ValueError, match="guide.safetensors: missing"):
+        sweep.check_models(done[1])
+    shutil.copy(snapshots[0], guide)
+    with pytest.raises(ValueError, match="guide.safetensors: not the model"):
+        sweep.check_models(done[1])
 
 
 def test_sweep_plot(tmp_path):
