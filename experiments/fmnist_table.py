@@ -10,6 +10,8 @@ accuracy on fresh seeds. Re-running skips every finished step.
 
     python experiments/fmnist_table.py --out runs/fmnist_table            # the full table (~7 h on 2 cores: resumable)
     python experiments/fmnist_table.py --mini --out runs/fmnist_table_mini  # the same pipeline in minutes
+    python experiments/fmnist_table.py --out runs/fmnist_table --final-from-record --device cuda --batch 500
+        # the final rows alone, on a GPU, from the record and the few models they use (docs/eval.md)
 
 Writes OUT/... (models, samples, reference statistics; not committed), the
 measurements to RECORD/... (each sweep point and final row, keyed by the SHA-256
