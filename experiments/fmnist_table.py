@@ -20,7 +20,9 @@ RESULTS/fmnist_table[_mini].md/.json and RESULTS/fmnist_sweep[_mini].png
 (RESULTS: docs/results for the full table, OUT/results for --mini; RECORD:
 RESULTS/fmnist_record). The record is small and committed: a later run,
 whose OUT is gone, retrains the models (bit for bit: training is deterministic
-per seed on one machine) and measures only what the record does not hold.
+per seed on one kind of machine) and measures only what the record does not
+hold. It also keeps, in RECORD/kept, the classifier and the final rows' models
+(about 10 MB), so that --final-from-record can measure the rows on any machine.
 """
 import argparse
 import glob
@@ -46,7 +48,9 @@ DATA = "/usr/share/datasets/fashion-mnist"
 INTERVAL = [0.28, 1.61]  # the paper's FID-optimal band for 32 steps (EDM2-XXL); not re-tuned here
 # Sizes (see docs/eval.md). T = main training length in thousands of images; guides at T/8.
 CONFIGS = {
-    "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, snapshots=128, classifier=dict(epochs=3),
+    # fp32 throughout, as the reference: "auto" would train in bf16 on a CPU with AVX-512 BF16 and so
+    # give another machine's table other models (bf16 is the faster choice there, not the exact one)
+    "full": dict(main="fmnist-s", small="fmnist-xs", kimg=64, snapshots=128, precision="fp32", classifier=dict(epochs=3),
                  steps=12, batch=64, compile_final=True, sweep_samples=250, eval_samples=5000, ref_images=None,
                  cfg_weights=[1.5, 2.0, 2.5, 3.0, 4.0], ag_weights=[1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
                  ema_main=[0.02, 0.03, 0.05, 0.10, 0.15], ema_guide=[0.03, 0.05, 0.10],
@@ -79,9 +83,9 @@ def main(argv=None):
     p.add_argument("--sweep-only", action="store_true",
                    help="stop after the sweeps: write their plot and table (the final rows are the long part)")
     p.add_argument("--final-from-record", action="store_true",
-                   help="measure only the final rows, at the settings the recorded sweeps chose, reading only the "
-                        "models those rows use (each checked against the record's SHA-256): to measure on "
-                        "another machine, such as a GPU, carrying the work folder's few files it needs")
+                   help="measure only the final rows, at the settings the recorded sweeps chose, training nothing "
+                        "and reading only the models those rows use, from OUT or else from RECORD/kept (each "
+                        "checked against the record's SHA-256): to measure on another machine, such as a GPU")
     p.add_argument("--device", default="cpu",
                    help="where the final rows sample and run Inception, e.g. cuda (float32 throughout: TF32 "
                         "off); recorded with each row")
@@ -109,16 +113,21 @@ def main(argv=None):
     ref_images = test.images if cfg["ref_images"] is None else test.images[:cfg["ref_images"]]
 
     clf_path = os.path.join(args.out, "classifier.safetensors")
+    clf_files = [clf_path, os.path.splitext(clf_path)[0] + ".json"]
+    from_record = args.final_from_record
+    if from_record:  # a classifier trained here would have other bytes than the one the record measured with
+        sweep.restore(clf_files, args.out, record)
+        if not os.path.isfile(clf_path):
+            _or_exit(_raise, f"{clf_path}: missing, and not kept in {os.path.join(record, 'kept')}")
     if not os.path.isfile(clf_path):
         train_classifier(load_idx_folder(args.data, "train"), test, clf_path, log=log, progress=progress,
                          **cfg["classifier"])
     clf = ClassifierFeatures(clf_path)
-    models = train_models(args.data, args.out, cfg, progress, log)
+    models = train_models(args.data, args.out, cfg, progress, log, build=not from_record)
 
     cache = os.path.join(args.out, "ref")
     refs = {"classifier": reference(clf, ref_images, cache, args.data, "test", progress=progress, log=log)}
     sampler = dict(steps=cfg["steps"], batch=cfg.get("batch", 64))
-    from_record = args.final_from_record
     if from_record:
         ema_chosen, ema_points = _or_exit(fmnist_ema.recorded, args.out, record, cfg, FRACTION, [clf], sampler)
     else:
@@ -149,9 +158,14 @@ def main(argv=None):
     if not from_record:
         write_sweep(results, suffix, points, chosen, cfg)
     chosen.update(ema_chosen)  # these rows take their EMA lengths and w from the post-hoc EMA sweep
+    used = [chosen[row["name"]][role] for row in ROWS for role in ("main", "guide") if chosen[row["name"]][role]]
     if from_record:  # before any long work: every final row's models here, with the bytes the sweeps measured
+        sweep.restore(used, args.out, record)
         for row in ROWS:
             _or_exit(sweep.check_models, chosen[row["name"]])
+    elif not args.report:
+        sweep.keep([clf_path] + used, clf_files[1:] + glob.glob(os.path.join(args.out, "models", "*", "done.json")),
+             args.out, record)
     if args.sweep_only:
         return
 
@@ -162,9 +176,13 @@ def main(argv=None):
         refs["inception"] = reference(spaces[1], ref_images, cache, args.data, "test", progress=progress, log=log)
     rows = [final_row(row, chosen[row["name"]], spaces, refs, seeds, final_sampler, args.out, record, log,
                       compute=not args.report) for row in ROWS]
-    timings = stage_seconds(args.out, clf_path, refs, points + ema_points, rows + list(measured.values()))
+    timings = stage_seconds(args.out, record, clf_path, refs, points + ema_points, rows + list(measured.values()))
     timings["wall_this_run"] = round(time.time() - t_start, 1)
     write_results(results, suffix, rows, points, cfg, models, timings, args, ref_images)
+
+
+def _raise(message):
+    raise ValueError(message)
 
 
 def _or_exit(fn, *args):
@@ -176,14 +194,16 @@ def _or_exit(fn, *args):
         sys.exit(2)
 
 
-def stage_seconds(out, clf_path, refs, points, rows):
+def stage_seconds(out, record, clf_path, refs, points, rows):
     """Compute time of each stage, from what each stage saved with its result, so the
     total stays right however many runs (and sessions) the table took."""
     with open(os.path.splitext(clf_path)[0] + ".json") as f:
         clf_seconds = json.load(f).get("train_seconds")
     train_seconds = 0.0
-    for done in glob.glob(os.path.join(out, "models", "*", "done.json")):
-        with open(done) as f:
+    done = {os.path.basename(os.path.dirname(f)): f for pattern in (os.path.join(record, "kept"), out)
+            for f in glob.glob(os.path.join(pattern, "models", "*", "done.json"))}  # OUT's, else the kept ones
+    for path in done.values():
+        with open(path) as f:
             train_seconds += json.load(f)["seconds"]
     ref_seconds = [r.info.get("seconds") for r in refs.values()]
     stages = dict(classifier=clf_seconds, train=round(train_seconds, 1),
@@ -197,26 +217,30 @@ def stage_seconds(out, clf_path, refs, points, rows):
 
 # --- Models ------------------------------------------------------------------------------------
 
-def train_models(data, out, cfg, progress, log):
+def train_models(data, out, cfg, progress, log, build=True):
     """Train (or resume, or skip) the four denoisers; return {role: snapshot path}.
 
     Every model stores both tracked EMA profiles every T / cfg["snapshots"] images, so that
-    post-hoc EMA can rebuild any EMA length at T and at T/8 (the guides' training length)."""
-    from mini_autoguide.train import train
+    post-hoc EMA can rebuild any EMA length at T and at T/8 (the guides' training length).
+    build=False: the paths alone, training and reading nothing (--final-from-record)."""
+    from mini_autoguide.train import snapshot_name, train
     T = cfg["kimg"]
     plan = {  # folder: (preset, conditional, length)
         "main": (cfg["main"], True, T), "small": (cfg["small"], True, T),
         "uncond": (cfg["main"], False, T), "uncond-small": (cfg["small"], False, T / FRACTION)}
+    if not build:  # T and T/8 are whole multiples of the snapshot interval T / cfg["snapshots"]
+        snap = lambda name, kimg, ema: os.path.join(out, "models", name, snapshot_name(round(kimg * 1000), ema))  # noqa: E731
     for name, (preset, cond, kimg) in plan.items():
         folder = os.path.join(out, "models", name)
-        if not os.path.isfile(os.path.join(folder, "done.json")):
+        if build and not os.path.isfile(os.path.join(folder, "done.json")):
             log(f"training {name}: preset {preset}, {'conditional' if cond else 'unconditional'}, {kimg:g} kimg")
             summary = train(data, folder, preset, cond=cond, kimg=kimg, snapshot_kimg=T / cfg["snapshots"],
                             checkpoint_kimg=T / FRACTION, progress=progress, log=log, workers=0,
                             precision=cfg.get("precision"))
             write_json(os.path.join(folder, "done.json"), dict(kimg=kimg, preset=preset, cond=cond,
                                                                seconds=round(summary["seconds"], 1)))
-    snap = lambda name, kimg, ema: _snapshot(os.path.join(out, "models", name), kimg, ema)  # noqa: E731
+    if build:
+        snap = lambda name, kimg, ema: _snapshot(os.path.join(out, "models", name), kimg, ema)  # noqa: E731
     return {"main": snap("main", T, 0.10), "main@T/8": snap("main", T / FRACTION, 0.05),
             "small@T/8": snap("small", T / FRACTION, 0.05), "small@T": snap("small", T, 0.05),
             "uncond": snap("uncond", T, 0.10), "uncond-small@T/8": snap("uncond-small", T / FRACTION, 0.05)}

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 
 from .checkpoint import atomic_write, write_json
@@ -157,6 +158,30 @@ def check_models(point):
                              f"{point['name']} at w = {point['weight']:g} was measured on")
 
 
+# Training is deterministic per seed on one kind of machine, but another CPU's kernels round
+# otherwise and train other bytes, which no key matches. So a run can keep beside its record (in
+# RECORD/kept, the layout of its work folder) the few files its final measurements need, and a
+# machine that holds only the record takes them from there.
+
+def keep(models, notes, out, record):
+    """Copy each of `models` (paths under OUT) to RECORD/kept/<its path in OUT>, unless one with its
+    bytes is there, and each of `notes` (their training times, say) where missing or where a model
+    changed: a rerun that retrains the same bytes leaves the record as it was."""
+    kept = lambda path: os.path.join(record, "kept", os.path.relpath(path, out))  # noqa: E731
+    changed = [p for p in models if not (os.path.isfile(kept(p)) and file_digest(kept(p)) == file_digest(p))]
+    for path in changed + [p for p in notes if changed or not os.path.isfile(kept(p))]:
+        atomic_write(kept(path), lambda tmp, path=path: shutil.copyfile(path, tmp))
+
+
+def restore(paths, out, record):
+    """Copy each file missing from OUT back from RECORD/kept, where kept. Its bytes are checked later
+    (check_models): a file of other bytes in OUT is left there, and refused."""
+    for path in paths:
+        kept = os.path.join(record, "kept", os.path.relpath(path, out))
+        if not os.path.exists(path) and os.path.isfile(kept):
+            atomic_write(path, lambda tmp, kept=kept: shutil.copyfile(kept, tmp))
+
+
 def best(points, metric, names=None):
     """{run name: the point with the lowest `metric`} (over weights and snapshots)."""
     out = {}
@@ -167,4 +192,4 @@ def best(points, metric, names=None):
     return out
 
 
-__all__ = ["expand", "run_sweep", "recorded", "check_models", "best", "load_points", "save_points", "point_key"]
+__all__ = ["expand", "run_sweep", "recorded", "check_models", "keep", "restore", "best", "load_points", "save_points", "point_key"]

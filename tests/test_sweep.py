@@ -191,6 +191,33 @@ def test_recorded_points_need_no_models_but_check_them_before_use(tmp_path, snap
         sweep.check_models(done[1])
 
 
+def test_kept_models_travel_with_the_record(tmp_path, snapshots):
+    """keep copies models beside the record, rewriting nothing that holds the same bytes (and the notes
+    only where a model changed); restore brings back only missing files, never over other bytes."""
+    import shutil
+    out, record = tmp_path / "out", tmp_path / "record"
+    main, note = out / "models" / "main" / "net.safetensors", out / "models" / "main" / "done.json"
+    os.makedirs(main.parent)
+    shutil.copy(snapshots[0], main)
+    note.write_text('{"seconds": 1}')
+    kept_main, kept_note = record / "kept" / "models" / "main" / "net.safetensors", record / "kept" / "models" / "main" / "done.json"
+    sweep.keep([str(main)], [str(note)], str(out), str(record))
+    assert kept_main.read_bytes() == main.read_bytes() and kept_note.read_text() == '{"seconds": 1}'
+    stamp = os.stat(kept_main).st_mtime_ns
+    note.write_text('{"seconds": 2}')  # retrained to the same bytes, in another time: nothing changes
+    sweep.keep([str(main)], [str(note)], str(out), str(record))
+    assert os.stat(kept_main).st_mtime_ns == stamp and kept_note.read_text() == '{"seconds": 1}'
+    shutil.copy(snapshots[1], main)  # other bytes (another machine's training): both are replaced
+    sweep.keep([str(main)], [str(note)], str(out), str(record))
+    assert kept_main.read_bytes() == main.read_bytes() and kept_note.read_text() == '{"seconds": 2}'
+    os.remove(main)
+    sweep.restore([str(main), str(out / "absent.safetensors")], str(out), str(record))
+    assert main.read_bytes() == kept_main.read_bytes() and not (out / "absent.safetensors").exists()
+    shutil.copy(snapshots[0], main)  # other bytes in OUT are left for check_models to refuse
+    sweep.restore([str(main)], str(out), str(record))
+    assert main.read_bytes() == open(snapshots[0], "rb").read()
+
+
 def test_sweep_plot(tmp_path):
     from mini_autoguide import plots
     pts = [dict(name=n, main="m", guide=None, weight=w, classifier_fd=(w - 2) ** 2 + i)

@@ -153,22 +153,21 @@ def test_mini_table_end_to_end_and_resume(tmp_path, capsys):
     # points.json/.csv of the two sweeps; the 8 rows; at least 3 comparison rows (fixed = chosen is measured once)
     assert len(before) >= 2 * 2 + 8 + 3
     assert rebuilt["rows"] == resumed["rows"]
-    # Another machine, holding only the record and the models the final rows use (a GPU lent for
-    # minutes): --final-from-record chooses what the sweeps chose, reading no other model, measures
-    # only the rows the record lacks, and gives the same numbers; a model of other bytes is refused.
+    # Another machine (another CPU, whose training would give other bytes; a GPU lent for minutes),
+    # holding only the record: the run kept beside it the classifier and the final rows' models
+    # (RECORD/kept), and --final-from-record takes them from there, chooses what the sweeps chose,
+    # trains and builds nothing, measures only the rows the record lacks, and gives the same
+    # numbers; a model of other bytes is refused.
     run = tmp_path / "run"
     shutil.move(run, tmp_path / "full")
     shutil.copytree(tmp_path / "full" / "results", run / "results")
-    used = {r[k] for r in rebuilt["rows"] for k in ("main", "guide") if r[k]}
-    for rel in used | {"classifier.safetensors", "classifier.json"} | {
-            os.path.join("models", m, "done.json") for m in os.listdir(tmp_path / "full" / "models")}:
-        os.makedirs(os.path.dirname(run / rel), exist_ok=True)
-        shutil.copy2(tmp_path / "full" / rel, run / rel)
+    used = {r[k] for r in rebuilt["rows"] for k in ("main", "guide") if r[k]} | {"classifier.safetensors"}
+    kept = run / "results" / "fmnist_record" / "kept"
+    assert {str(p.relative_to(kept)) for p in kept.rglob("*.safetensors")} == used  # those alone
     os.remove(recorded / "autoguidance.json")
-    models = lambda: sorted(str(p.relative_to(run)) for p in run.rglob("*.safetensors") if "ref" not in p.parts)  # noqa: E731
-    before = models()
     moved = _run(tmp_path, ["--no-fid", "--final-from-record"])
-    assert models() == before and os.listdir(run / "final") == ["autoguidance.npz"]  # nothing built or trained
+    models = sorted(str(p.relative_to(run)) for p in run.rglob("*.safetensors") if not {"results", "ref"} & set(p.parts))
+    assert models == sorted(used) and os.listdir(run / "final") == ["autoguidance.npz"]  # nothing built or trained
     assert moved["rows"][3]["row"] == "autoguidance" and moved["rows"][3]["device"] == "cpu, 1 thread"
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert untimed(moved["rows"]) == untimed(rebuilt["rows"])
