@@ -83,7 +83,9 @@ def save_points(out, points):
 
 def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=False, progress=True, log=print,
               device="cpu"):
-    """Sample and measure every point of `runs` not yet in OUT/points.json. Returns all points.
+    """Sample and measure every point of `runs` not yet in OUT/points.json. Returns the points of `runs`,
+    each as measured on the model files now at its paths (OUT keeps any other version's too, for the
+    record, but a choice among the returned points never picks a measurement of other bytes).
 
     seeds: list of ints; spaces/refs: see evaluate.evaluate; sampler: keyword
     arguments of generate.generate (steps, sigma_max, batch, ...).
@@ -93,15 +95,16 @@ def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=Fal
     seeds_text = seed_text(seeds)
     done = load_points(out)
     known = {point_key(p) for p in done}
-    todo = []
+    todo, current = [], []
     space_digests = {s.name: file_digest(s.path) if getattr(s, "path", None) else None for s in spaces}
     for p in expand(runs):
         p.update(seeds=seeds_text, sampler=sampler, spaces=space_digests, main_sha256=file_digest(p["main"]),
                  guide_sha256=p["guide"] and file_digest(p["guide"]))
+        current.append(point_key(p))
         if point_key(p) not in known:
             todo.append(p)
     if not todo:
-        return done
+        return _in_order(done, current)
     log(f"sweep: {len(todo)} of {len(todo) + len(done)} points to run ({len(seeds)} samples each) -> {out}")
     models = {}
     bar = progress_bar(len(todo), "sweep", "point", enabled=progress, leave=True)
@@ -123,7 +126,13 @@ def run_sweep(runs, out, seeds, spaces, refs, sampler=None, precision_recall=Fal
             bar.set_postfix_str(f"{p['name']} w={p['weight']:g}")
     if bar is not None:
         bar.close()
-    return done
+    return _in_order(done, current)
+
+
+def _in_order(points, keys):
+    """The points whose keys are `keys`, in that order."""
+    by_key = {point_key(p): p for p in points}
+    return [by_key[k] for k in keys]
 
 
 def recorded(runs, out, seeds, spaces, sampler=None):
