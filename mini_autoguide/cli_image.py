@@ -53,7 +53,7 @@ def register(sub):
 
     p = sub.add_parser("sample", formatter_class=fmt, help="sample images, optionally guided",
                        description="Sample with the EDM Heun sampler. Each seed has its own noise generator and "
-                                   "its class is classes[seed %% len(classes)], so methods compare on identical "
+                                   "its class is classes[seed % len(classes)], so methods compare on identical "
                                    "noise. Writes OUT/<seed>.png, grid.png, samples.npz and info.json.")
     p.add_argument("main", help="main model snapshot (.safetensors from train)")
     p.add_argument("--guide", help="guide snapshot: a smaller/shorter-trained model (autoguidance) or an "

@@ -61,7 +61,7 @@ def register(sub):
     p.set_defaults(run=run_sample)
 
     p = cmds.add_parser("evaluate", help="exact metrics of sample files",
-                        description="Mean exact log-density, outlier rate (outside 99%% of the mass), branch "
+                        description="Mean exact log-density, outlier rate (outside 99% of the mass), branch "
                         "coverage (total variation) and k-NN precision/recall (k=3) against class A.")
     p.add_argument("samples", nargs="+", help=".npz files with an array x of shape [N, 2]")
     p.add_argument("--json", help="also write the results to this JSON file")

@@ -54,6 +54,7 @@ def test_help_is_complete(path, parser, capsys):
         cli.main([*path, "--help"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and err == "" and out.startswith("usage: ")
+    assert "%%" not in out, path   # argparse %-formats option help, not descriptions: no doubled % there
     for action in parser._actions:   # every option and every subcommand is listed
         for flag in action.option_strings:
             assert flag in out, (path, flag)
