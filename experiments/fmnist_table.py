@@ -26,6 +26,7 @@ hold. It also keeps, in RECORD/kept, the classifier and the final rows' models
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -292,8 +293,7 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     point, which holds its models' SHA-256, and by each feature network's SHA-256).
     compute=False: the recorded result, or a placeholder marked pending."""
     from mini_autoguide.generate import generate, load_models
-    slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
-    path = os.path.join(record, "final", f"{slug}.json")
+    path = os.path.join(record, "final", f"{_slug(row['name'])}.json")
     key = dict(point={k: point[k] for k in sweep.KEYS}, seeds=seed_text(seeds),
                spaces={name: ref.info["weights_sha256"] for name, ref in sorted(refs.items())})
     if os.path.isfile(path):
@@ -309,20 +309,23 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     n = torch.get_num_threads()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {n} thread{'s' * (n != 1)}"
     log(f"final: {row['name']} at w = {point['weight']:g} on {len(seeds):,} samples ({where})")
-    # Two checkpoints, so that a row interrupted across sessions loses little: the samples
-    # (OUT/final/<row>.npz, with the key they were made for), then Inception's features in blocks.
-    samples = os.path.join(out, "final", f"{slug}.npz")
-    cached = _cached_samples(samples, key)
+    # Two checkpoints, so that a row interrupted across sessions loses little: the samples, then
+    # Inception's features in blocks. The samples depend on the point and the seeds alone, not on the
+    # feature networks, so a comparison row and a final row of one point share one file.
+    samples = samples_file(out, point, key)
+    cached = _cached_samples(samples, key["point"], key["seeds"])
     if cached is None:
         t0 = time.time()
         main, guide = load_models(point["main"], point["guide"], point["method"], device=device)
         images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
         sample_seconds = time.time() - t0
         write_npz(samples, compressed=True, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
-                  key=np.array(json.dumps(key)), seconds=np.array(sample_seconds))
+                  key=np.array(json.dumps(dict(point=key["point"], seeds=key["seeds"]))), row=np.array(row["name"]),
+                  seconds=np.array(sample_seconds))
     else:
-        images, labels, sample_seconds = cached
-        log(f"final: {row['name']}: samples from {samples}")
+        images, labels, sample_seconds, made_for = cached
+        log(f"final: {row['name']}: samples from {samples}" + (f", made for {made_for}" if made_for != row["name"] else ""))
+        sample_seconds = sample_seconds if made_for == row["name"] else 0.0  # counted once, by the row that made them
     t0 = time.time()
     metrics = evaluate(to_nchw(images), spaces, refs, labels, partial=samples[:-4] + ".features", log=log)
     result = dict(key=key, row=row["name"], paper=row["paper"], method=point["method"], weight=point["weight"],
@@ -333,15 +336,26 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     return result
 
 
-def _cached_samples(path, key):
-    """(images, labels, seconds) from a samples file made for `key`, or None."""
+def samples_file(out, point, key):
+    """OUT/final/<point name>-<digest>.npz: one file per point and seeds, whichever rows measure them."""
+    digest = hashlib.sha256(json.dumps([key["point"], key["seeds"]], sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(out, "final", f"{_slug(point['name'])}-{digest}.npz")
+
+
+def _slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _cached_samples(path, point_key, seeds):
+    """(images, labels, seconds, the row that made them) from a samples file made for this point and
+    these seeds, or None."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path) as f:  # allow_pickle is off: plain arrays only
-            if "key" not in f.files or json.loads(str(f["key"])) != key:
+            if "key" not in f.files or json.loads(str(f["key"])) != dict(point=point_key, seeds=seeds):
                 return None
-            return f["images"], f["labels"], float(f["seconds"])
+            return f["images"], f["labels"], float(f["seconds"]), str(f["row"]) if "row" in f.files else None
     except Exception:  # unreadable: sample again
         return None
 

@@ -48,7 +48,9 @@ class Classifier(torch.nn.Module):
 
 
 def _to_input(images):
-    return torch.as_tensor(np.asarray(images)).to(torch.float32) / 127.5 - 1
+    # Standard strides, whatever the array's: a [N, 1, H, W] view of [N, H, W, 1] data also passes as
+    # channels-last, and oneDNN would then take another convolution path, with other float32 rounding.
+    return torch.as_tensor(np.asarray(images)).to(torch.float32, memory_format=torch.contiguous_format) / 127.5 - 1
 
 
 def train_classifier(train_set, test_set, out, log=print, progress=True, limit=None, **overrides):

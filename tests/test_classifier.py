@@ -64,3 +64,17 @@ def test_bad_classifier_file_is_refused(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(CheckpointError):
         classifier.ClassifierFeatures(str(bad))
+
+
+def test_features_do_not_depend_on_the_arrays_memory_layout():
+    # Sampled images are [N, H, W, 1] and reach the classifier as a transposed view whose strides
+    # also pass as channels-last; loaded images are plain [N, 1, H, W]. The same pixels must give the
+    # same features bit for bit, or a result would change with where its images came from.
+    torch.manual_seed(0)
+    net = classifier.Classifier(dict(img_channels=1, channels=[8, 16, 32], resolution=32, features=128,
+                                     num_classes=10)).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(16, 32, 32, 1), dtype=np.uint8)
+    as_view = pixels.transpose(0, 3, 1, 2)        # strides (1024, 1, 32, 1)
+    as_copy = np.array(as_view, order="C")         # strides (1024, 1024, 32, 1)
+    with torch.no_grad():
+        assert torch.equal(classifier._run(net, as_view)[1], classifier._run(net, as_copy)[1])
