@@ -52,7 +52,7 @@ def make(preset, device, channels_last, batch, compile_=False):
     sigma = torch.rand(batch, device=device) * 5 + 0.01
     labels = torch.randint(0, cfg["num_classes"], (batch,), device=device) if cfg["num_classes"] else None
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    model = wrap(net, dict(compile=compile_), 1, device)   # as train() compiles it
+    model = wrap(net, presets.options(preset, compile=compile_), 1, device)   # as train() compiles it
     return net, model, opt, x, sigma, labels
 
 
