@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import platform
 import statistics
 import time
 
@@ -32,6 +31,7 @@ from mini_autoguide import presets  # noqa: E402
 from mini_autoguide.mp import normalize_weights_  # noqa: E402
 from mini_autoguide.train import wrap  # noqa: E402
 from mini_autoguide.unet import Denoiser, count_parameters  # noqa: E402
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 MODES = {  # name: (autocast dtype or None, channels_last[, compiled])
     "fp32 (baseline)": (None, False),
@@ -235,9 +235,10 @@ def main():
 
     rows, guided = bench(args.presets, {**MODES, **COMPILED} if args.compile else MODES, "cpu", args.batch, args.steps, args.repeats, args.heun_steps)
     result = dict(device="cpu", threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                  processor=platform.processor() or platform.machine(), torch=torch.__version__,
+                  machine=machine(), torch=torch.__version__,
                   load_average_at_end=os.getloadavg(), rows=rows, autoguided_sample_img_s=guided,
                   note="medians over interleaved rounds in one process; the CPU may be shared (see load average)")
+    print(f"machine: {result['machine']}, torch {torch.__version__}, {result['threads']} threads")
     print(table(rows, guided, args.heun_steps))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "image_cpu.json"), "w") as f:

@@ -12,7 +12,6 @@ The exact score is timed in float32 (the fast path training uses) and float64
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -24,16 +23,7 @@ import toy2d  # noqa: E402
 from mini_autoguide.edm import exact_score_loss, sample_sigma  # noqa: E402
 from toy2d.model import ToyMLP  # noqa: E402
 from toy2d.train import ToyConfig, train  # noqa: E402
-
-
-def machine():
-    """CPU model, cores and the widest vector ISA torch uses (AVX2, AVX512, ...)."""
-    name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{name}, {os.cpu_count()} cores, {isa}" + ("" if "512" in isa else ", no AVX-512")
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 def median_ms(fn, repeats=15, warmup=3):

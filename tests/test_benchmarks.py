@@ -17,4 +17,5 @@ def test_bench_image_runs_every_mode_on_the_tiny_preset(tmp_path):
     modes = [row["mode"] for row in result["rows"]]
     assert modes[0] == "fp32 (baseline)" and len(modes) == 3
     assert all(row["train_img_s"] > 0 and row["sample_img_s"] > 0 for row in result["rows"])
+    assert result["machine"] in r.stdout and "cores" in result["machine"]  # every figure names its machine
     assert result["rows"][0]["train_speedup"] == 1.0  # ratios are against the baseline of the same run
