@@ -312,15 +312,16 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     # Two checkpoints, so that a row interrupted across sessions loses little: the samples, then
     # Inception's features in blocks. The samples depend on the point and the seeds alone, not on the
     # feature networks, so a comparison row and a final row of one point share one file.
-    samples = samples_file(out, point, key)
-    cached = _cached_samples(samples, key["point"], key["seeds"])
+    sample_key = dict(point=key["point"], seeds=key["seeds"])
+    samples = samples_file(out, point["name"], sample_key)
+    cached = _cached_samples(samples, sample_key)
     if cached is None:
         t0 = time.time()
         main, guide = load_models(point["main"], point["guide"], point["method"], device=device)
         images, labels, _ = generate(main, guide, point["method"], point["weight"], point["interval"], seeds, **sampler)
         sample_seconds = time.time() - t0
         write_npz(samples, compressed=True, images=images, labels=np.asarray(labels), seeds=np.asarray(seeds),
-                  key=np.array(json.dumps(dict(point=key["point"], seeds=key["seeds"]))), row=np.array(row["name"]),
+                  key=np.array(json.dumps(sample_key)), row=np.array(row["name"]),
                   seconds=np.array(sample_seconds))
     else:
         images, labels, sample_seconds, made_for = cached
@@ -336,24 +337,24 @@ def final_row(row, point, spaces, refs, seeds, sampler, out, record, log, comput
     return result
 
 
-def samples_file(out, point, key):
+def samples_file(out, point_name, sample_key):
     """OUT/final/<point name>-<digest>.npz: one file per point and seeds, whichever rows measure them."""
-    digest = hashlib.sha256(json.dumps([key["point"], key["seeds"]], sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(out, "final", f"{_slug(point['name'])}-{digest}.npz")
+    digest = hashlib.sha256(json.dumps(sample_key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(out, "final", f"{_slug(point_name)}-{digest}.npz")
 
 
 def _slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _cached_samples(path, point_key, seeds):
-    """(images, labels, seconds, the row that made them) from a samples file made for this point and
-    these seeds, or None."""
+def _cached_samples(path, sample_key):
+    """(images, labels, seconds, the row that made them) from a samples file made for `sample_key`
+    (the point and the seeds), or None."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path) as f:  # allow_pickle is off: plain arrays only
-            if "key" not in f.files or json.loads(str(f["key"])) != dict(point=point_key, seeds=seeds):
+            if "key" not in f.files or json.loads(str(f["key"])) != sample_key:
                 return None
             return f["images"], f["labels"], float(f["seconds"]), str(f["row"]) if "row" in f.files else None
     except Exception:  # unreadable: sample again

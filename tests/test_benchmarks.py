@@ -19,3 +19,10 @@ def test_bench_image_runs_every_mode_on_the_tiny_preset(tmp_path):
     assert all(row["train_img_s"] > 0 and row["sample_img_s"] > 0 for row in result["rows"])
     assert result["machine"] in r.stdout and "cores" in result["machine"]  # every figure names its machine
     assert result["rows"][0]["train_speedup"] == 1.0  # ratios are against the baseline of the same run
+
+
+def test_bench_toy_starts():
+    # its shortest run takes about a minute: here only that it imports and parses its options
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_toy.py"), "--help"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "--full" in r.stdout, r.stderr[-2000:]
