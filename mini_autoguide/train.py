@@ -182,8 +182,9 @@ def wrap(net, opts, world, device):
 def train_step(net, model, ema, optimizer, scaler, opts, step, y, labels, first=0):
     """One training step on clean images y [B, C, H, W] in [-1, 1] and int labels [B]: this process's
     rows [first, first + B) of the global batch of `step` (0-based). Draws the step's randomness, runs
-    the EDM2 loss through `model` (net, or its DDP / compiled wrapper), backward, zeroes NaN gradients,
-    steps Adam (through the loss scaler for fp16), updates the EMA and re-normalises the weights.
+    the EDM2 loss through `model` (net, or its DDP / compiled wrapper), backward, zeroes non-finite
+    gradients (fp32, bf16) or lets the loss scaler skip the step (fp16), steps Adam, updates the EMA
+    and re-normalises the weights.
     Returns the loss, detached (a 0-dim tensor)."""
     device, local = y.device, y.shape[0]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision)
@@ -201,13 +202,22 @@ def train_step(net, model, ema, optimizer, scaler, opts, step, y, labels, first=
         denoised, logvar = model(x, sigma, onehot, return_logvar=True)
     loss = edm.denoising_loss(denoised.float(), y, sigma, logvar)
     optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler else loss).backward()
-    for p in net.parameters():  # EDM2: NaN gradients zeroed (a bad step skips, it does not poison Adam)
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-    scaler.step(optimizer) if scaler else optimizer.step()
-    if scaler:
+    if scaler is None:
+        loss.backward()
+        for p in net.parameters():  # EDM2: non-finite gradients zeroed, so one bad batch cannot poison Adam
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+        optimizer.step()
+    else:
+        # fp16: the loss is multiplied by the scale S before backward, so that small gradients do not
+        # underflow. An inf or NaN among the scaled gradients means S was too large: GradScaler then
+        # skips Adam's step and halves S. The gradients must reach it untouched for it to see that.
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)   # unscales (divides by S), and steps only if every gradient is finite
         scaler.update()
+        if scaler.get_scale() < scale:   # the step was skipped: the weights, and so their EMA, stay
+            return loss.detach()
     # The EMA averages the weights as Adam left them, and only then are they re-normalised: the order
     # of EDM2's normalisation at the start of the next forward pass, so the EMA and every forward
     # pass get the same numbers as there. The checkpoint then holds the normalised weights that the
