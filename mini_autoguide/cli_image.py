@@ -84,8 +84,9 @@ def register(sub):
     p.add_argument("src", help="source tree: SRC/<class>/<image>")
     p.add_argument("out", help="output folder, or a path ending in .zip")
     p.add_argument("--resolution", type=int, default=64, help="output size")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_prep)
 
     p = sub.add_parser("grid", formatter_class=fmt, help="put images side by side with titles",
@@ -100,15 +101,23 @@ def register(sub):
     p.set_defaults(run=run_grid)
 
 
+def _at_least_one(*options):
+    """Refuse a count below 1; options: (flag, value) pairs, a value of None being unset."""
+    for flag, value in options:
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
 def run_train(args):
     from .train import TrainingDiverged, train
     opts = {k: getattr(args, k) for k in ("kimg", "batch", "lr_ref", "lr_tref", "rampup_kimg", "ema", "snapshot_kimg",
                                           "checkpoint_kimg", "label_dropout", "xflip", "precision", "channels_last",
                                           "compile", "workers", "seed", "device", "max_steps", "max_minutes",
                                           "progress")}
-    for key in ("kimg", "batch", "lr_ref", "snapshot_kimg", "checkpoint_kimg"):
-        if opts[key] is not None and opts[key] <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {opts[key]}")
+    for flag, key in (("--kimg", "kimg"), ("--batch", "batch"), ("--lr", "lr_ref"),
+                      ("--snapshot-kimg", "snapshot_kimg"), ("--checkpoint-kimg", "checkpoint_kimg")):
+        if opts[key] is not None and not opts[key] > 0:  # NaN too
+            raise UsageError(f"{flag} must be positive, got {opts[key]}")
     if opts["label_dropout"] is not None and not 0 <= opts["label_dropout"] < 1:
         raise UsageError(f"--label-dropout must be in [0, 1), got {opts['label_dropout']}")
     try:
@@ -126,8 +135,7 @@ def run_sample(args):
     from .image_files import save_outputs
     seeds = parse_seeds(args.seeds)
     classes = parse_seeds(args.classes) if args.classes else None
-    if args.batch < 1 or args.steps < 1:
-        raise UsageError("--batch and --steps must be at least 1")
+    _at_least_one(("--batch", args.batch), ("--steps", args.steps))
     outputs = [os.path.join(args.out, n) for n in ("grid.png", "samples.npz")]
     if not args.force and any(os.path.exists(f) for f in outputs):
         raise FileExistsError(f"{args.out} already holds samples: pass --force to overwrite")
@@ -148,15 +156,16 @@ def run_sample(args):
 
 def run_prep(args):
     from .prep import prepare
-    prepare(args.src, args.out, args.resolution, args.workers, force=args.force)
+    _at_least_one(("--resolution", args.resolution), ("--workers", args.workers))
+    n = prepare(args.src, args.out, args.resolution, args.workers, force=args.force, progress=not args.quiet)
+    print(f"prepared {n} images in {args.out}", file=sys.stderr)
 
 
 def run_grid(args):
     from .image_files import side_by_side
     if args.titles and len(args.titles) != len(args.images):
         raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
-    if args.columns is not None and args.columns < 1:
-        raise UsageError(f"--columns must be at least 1, got {args.columns}")
+    _at_least_one(("--columns", args.columns), ("--scale", args.scale))
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
     side_by_side(args.images, args.titles, args.out, args.scale, args.columns)

@@ -19,6 +19,33 @@ def test_cli_reference_matches_help():
         assert f.read() == cli_reference.reference(), "run: python docs/cli_reference.py --write"
 
 
+def test_cli_reference_is_the_same_on_any_machine(monkeypatch, tmp_path):
+    # docs/cli.md is compared byte for byte wherever the tests run, so no --help text may show a
+    # default taken from the machine: its core count, torch's threads, a GPU, the working folder,
+    # the environment or the path separator.
+    import ntpath
+    import posixpath
+
+    import cli_reference
+    import torch
+    native, texts = os.path, []
+    for cores, cuda, cwd, path in ((1, False, tmp_path, posixpath), (96, True, ROOT, ntpath)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: cores)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("HOME", str(cwd))
+        monkeypatch.setenv("MINI_AUTOGUIDE_INCEPTION", str(cwd))
+        monkeypatch.setattr(os, "path", path)   # how os.path.join would write a default on Windows
+        monkeypatch.setattr(os, "sep", path.sep)
+        try:
+            texts.append(cli_reference.reference())
+        finally:   # pytest itself needs the real os.path between the two
+            monkeypatch.setattr(os, "path", native)
+            monkeypatch.setattr(os, "sep", native.sep)
+    assert texts[0] == texts[1]
+
+
 def test_ci_runs_the_readme_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = [line for line in f.read().splitlines() if line.endswith("python -m pytest")]
