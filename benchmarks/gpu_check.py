@@ -1,4 +1,5 @@
-"""One-GPU check of the image path: training and sampling speed, loss health, bf16 against fp32.
+"""One-GPU check of the image path: training and sampling speed, loss health, bf16 against fp32,
+and fp16 loss scaling on an overflow.
 
     bash benchmarks/gpu_check.sh             # one CUDA GPU -> benchmarks/results/image_gpu.json, < 8 minutes
     bash benchmarks/gpu_check.sh --dry-run   # the same code on the CPU, tiny preset, a few steps, seconds
@@ -10,6 +11,8 @@ initial weights (its learning-rate warm-up shortened to half the run, so the los
 full rate) and records the first and last loss and whether all were finite; images/s is timed over
 the steps after the first few. Sampling: img64-s guided by img64-xs (autoguidance, a few Heun steps,
 bf16). Agreement: one img64-s denoiser call in bf16 autocast against fp32, with live gains.
+fp16 overflow: with the loss scale forced to 2^100, train_step must skip the step (weights, EMA and
+Adam's state unchanged) and halve the scale.
 
 A time budget guards the whole: each phase starts only if its minimum time is left and stops its
 steps when its share is spent, recording why; the JSON is rewritten (atomically) after each phase.
@@ -129,6 +132,35 @@ def agreement(preset, batch, device):
                 rms_rel=float(diff.square().mean().sqrt() / rms), output_rms=float(rms))
 
 
+def fp16_overflow(preset, batch, device):
+    """fp16 loss scaling on an overflow: a normal step, then the scale set to 2^100 so that the scaled
+    gradients overflow float16. train_step must skip that step (weights, EMA and Adam's state
+    unchanged, bit for bit) and GradScaler must halve the scale."""
+    opts = train_mod.options(preset, precision="fp16", batch=batch, channels_last=True, device=str(device))
+    cfg = presets.net_config(preset)
+    net, ema, optimizer, scaler = train_mod.make_trainer(opts, cfg, device)
+    _live_gains(net)
+    y, labels = _batch(cfg, batch, device)
+    scales = []
+    for step in range(30):   # GradScaler starts at 2^16 and halves until the gradients fit
+        scales.append(scaler.get_scale())
+        train_mod.train_step(net, net, ema, optimizer, scaler, opts, step, y, labels)
+        if scaler.get_scale() == scales[-1]:
+            break
+    scaler.update(2.0 ** 100)
+    before = [t.clone() for t in _state_tensors(net, ema, optimizer)]
+    loss = train_mod.train_step(net, net, ema, optimizer, scaler, opts, step + 1, y, labels)
+    after = _state_tensors(net, ema, optimizer)
+    return dict(status="ok", preset=preset, batch=batch, scales_until_a_step=scales, loss=float(loss),
+                scale_after_overflow=scaler.get_scale(), scale_halved=scaler.get_scale() == 2.0 ** 99,
+                state_unchanged=len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
+
+
+def _state_tensors(net, ema, optimizer):
+    adam = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return [*net.state_dict().values(), *[p for n in ema.nets for p in n.state_dict().values()], *adam]
+
+
 def _live_gains(net):
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -180,7 +212,7 @@ def main(argv=None):
                   presets=names, batch={names[k]: batch[k] for k in names},
                   batch_note="per-preset batch on one GPU: " + ("the tiny preset's 8 (dry run)" if dry else
                              "256 for img64-xs, 128 for img64-s (2.25x the compute), with room to spare on 80 GB+"),
-                  budget_s=budget.seconds, train=[], sampling=None, bf16_vs_fp32=None)
+                  budget_s=budget.seconds, train=[], sampling=None, bf16_vs_fp32=None, fp16_overflow=None)
 
     def save():
         result["elapsed_s"] = budget.seconds - budget.left()
@@ -226,6 +258,8 @@ def main(argv=None):
         for key in ("xs", "s"):
             train_phase(key, precision, False)
     result["bf16_vs_fp32"] = phase({}, 0 if dry else 15, lambda: agreement(names["s"], min(batch["s"], 16), device))
+    result["fp16_overflow"] = phase({}, 0 if dry else 15, lambda: fp16_overflow(names["xs"], min(batch["xs"], 16), device)) \
+        if fp16_reason is None else dict(status="skipped", reason=fp16_reason)
     result["sampling"] = phase({}, 0 if dry else 30, lambda: sampling_run(
         names["s"], names["xs"], batch["s"], 2 if dry else 8, device))
     for precision in ("bf16", "fp16"):

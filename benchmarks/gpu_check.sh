@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU check of the image path (an H100/H200, no network): training images/s of img64-xs and
 # img64-s in bf16 and fp16 (eager and compiled), loss health, autoguided sampling images/s, and
-# bf16 against fp32; within 8 minutes, into benchmarks/results/image_gpu.json.
+# bf16 against fp32, and that an fp16 overflow skips its step; within 8 minutes, into benchmarks/results/image_gpu.json.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run       # the same code on the CPU, tiny preset, seconds; temp dir

@@ -251,6 +251,6 @@ def test_reference_statistics_resume_after_interruption(tmp_path):
             return super().__call__(images, progress)
 
     ref = evaluate.reference(SlowBlocks(), images, **{**kw, "cache_dir": str(tmp_path / "cache")})
-    assert ref.info["n"] == 23 and 0.4 <= ref.info["seconds"] < 60
+    assert ref.info["n"] == 23 and ref.info["seconds"] >= 0.4   # at least the sleep
     files = os.listdir(tmp_path / "cache")
     assert len(files) == 1 and files[0].startswith("ref-pixels-test-") and files[0].endswith(".safetensors")

@@ -63,6 +63,21 @@ def test_post_step_normalisation_equals_normalising_in_the_forward_pass(monkeypa
         assert (rms - 1).abs().max() < 2e-4
 
 
+def test_normalize_weights_divides_each_row_by_its_rms():
+    """EDM2 (arXiv 2312.02696, Eq. 47): w <- w / (eps + |w_row| / sqrt(fan_in)), eps = 1e-4, written
+    out here in float64; the library's float32 result within a few float32 roundings of it."""
+    net = train_mod.Denoiser(presets.net_config("tiny"))
+    with torch.no_grad():
+        for i, layer in enumerate(_mpconvs(net)):   # rows far from unit RMS, each its own size
+            layer.weight.mul_(torch.linspace(0.1, 10, layer.weight.shape[0]).reshape(-1, *[1] * (layer.weight.ndim - 1)))
+    before = [layer.weight.detach().double().clone() for layer in _mpconvs(net)]
+    mp.normalize_weights_(net)
+    for w, layer in zip(before, _mpconvs(net)):
+        rows = w.flatten(1)
+        expected = rows / (1e-4 + rows.norm(dim=1, keepdim=True) / rows.shape[1] ** 0.5)
+        assert torch.allclose(layer.weight.double().flatten(1), expected, rtol=8 * 2.0 ** -24, atol=0)
+
+
 def test_forward_never_writes_the_parameters():
     net = train_mod.Denoiser(presets.net_config("tiny")).train()
     before = copy.deepcopy(net.state_dict())
@@ -94,6 +109,7 @@ def _live_twins(opts):
 RTOL = 64 * 112 * 2.0 ** -24
 
 
+@pytest.mark.slow   # inductor compiles the forward and backward graphs: about 100 s on 2 cores
 def test_compiled_training_agrees_with_eager_on_cpu():
     # NCHW on purpose: the layout in which inductor's own layout optimisation gave wrong gradients.
     torch._dynamo.reset()
