@@ -35,9 +35,10 @@ from mini_autoguide.generate import generate  # noqa: E402
 from mini_autoguide.unet import Denoiser  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "image_gpu.json")
-# Batch per preset on one H100/H200 (80-141 GB): xs at 256, s (2.25x the compute) at 128 keep the
-# GPU busy with room to spare in bf16 and fp16, Adam states and two EMA copies included.
-GPU_BATCH = {"img64-xs": 256, "img64-s": 128}
+# Batch per preset on one H100/H200 (80-141 GB), from the memory that benchmarks/img64_footprint.py
+# measured (fp32: 0.71 GiB an image for xs, 1.31 for s, plus a fixed 2.8 and 6.3 GiB): about what fits
+# in fp32 on 80 GB, and half of what should fit in bf16 and fp16, which keep most activations in 2 bytes.
+GPU_BATCH = {"img64-xs": 128, "img64-s": 64}
 
 
 class Budget:
@@ -211,7 +212,7 @@ def main(argv=None):
                   torch=torch.__version__, cuda=torch.version.cuda, cpu_count=os.cpu_count(),
                   presets=names, batch={names[k]: batch[k] for k in names},
                   batch_note="per-preset batch on one GPU: " + ("the tiny preset's 8 (dry run)" if dry else
-                             "256 for img64-xs, 128 for img64-s (2.25x the compute), with room to spare on 80 GB+"),
+                             "128 for img64-xs, 64 for img64-s: about half of what should fit in bf16 on 80 GB (docs/image.md)"),
                   budget_s=budget.seconds, train=[], sampling=None, bf16_vs_fp32=None, fp16_overflow=None)
 
     def save():
