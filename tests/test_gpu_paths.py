@@ -7,6 +7,7 @@ import torch
 from mini_autoguide import presets
 from mini_autoguide import train as train_mod
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 CUDA1 = torch.device("cuda", 1)
 
 
