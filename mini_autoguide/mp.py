@@ -70,22 +70,15 @@ class MPConv(torch.nn.Module):
 
     def effective_weight(self, gain=1, dtype=torch.float32):
         """The weight as used: rows at unit norm / sqrt(fan_in), times gain."""
-        return effective_weights([self], gain, dtype)[0]
+        # weight[None]: a view, so that a channels-last weight stays channels-last
+        w = _unit_rows(self.weight[None])[0]
+        return (w * (gain / math.sqrt(self.weight[0].numel()))).to(dtype)
 
     def forward(self, x, gain=1):
         w = self.effective_weight(gain, x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
-
-
-def effective_weights(layers, gain=1, dtype=torch.float32):
-    """MPConv.effective_weight of several layers of one shape, stacked:
-    [len(layers), out, in, ...]. The same numbers as one layer at a time, in a
-    few ops for all (for the toy MLP, whose small ops cost more than its math)."""
-    # one layer: a view, so that a channels-last weight stays channels-last
-    w = layers[0].weight[None] if len(layers) == 1 else torch.stack([layer.weight for layer in layers])
-    return (_unit_rows(w) * (gain / math.sqrt(layers[0].weight[0].numel()))).to(dtype)
 
 
 def _unit_rows(w):

@@ -1,4 +1,4 @@
-"""The EDM core: preconditioning, losses, sampler, guidance, EMA."""
+"""The EDM core: preconditioning, losses, sampler, guidance, learning-rate schedule, EMA."""
 import math
 
 import numpy as np
@@ -7,6 +7,8 @@ import torch
 
 import toy2d
 from mini_autoguide import edm, ema, guidance, sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # many small ops: one thread is faster on a busy CPU
 
 
 # ---- EDM ---------------------------------------------------------------------
@@ -77,32 +79,88 @@ def test_heun_counts_evaluations():
     assert len(calls) == 2 * 10 - 1
 
 
-def test_heun_is_exact_for_a_gaussian():
-    """For N(0, c^2) data the ODE solution is x * sqrt(c^2 + sigma'^2) / sqrt(c^2 + sigma^2);
-    Heun with many steps must reproduce it."""
-    c = 0.7
+def test_the_default_sampler_takes_the_papers_32_steps():
+    """32 Heun steps wherever a default sets the count: the schedule, the toy, image sampling, both CLIs."""
+    import inspect
+
+    from mini_autoguide import cli, generate
+    from toy2d.reproduce import Settings
+    assert len(sampler.sigma_steps()) == 32 + 1
+    assert Settings().steps == 32
+    assert inspect.signature(generate.generate).parameters["steps"].default == 32
+    parser = cli.build_parser()
+    assert parser.parse_args(["toy", "sample", "--main", "m", "--out", "o"]).steps == 32
+    assert parser.parse_args(["sample", "m", "--out", "o"]).steps == 32
+
+
+@pytest.mark.parametrize("solve,order", [(sampler.heun_sample, 2), (sampler.euler_sample, 1)])
+def test_convergence_order_on_a_gaussian(solve, order):
+    """For N(0, c^2) data, D = x c^2 / (c^2 + sigma^2) and the ODE's solution is
+    x sqrt(c^2 + sigma'^2) / sqrt(c^2 + sigma^2). Heun's global error falls as N^-2,
+    Euler's as N^-1 (EDM, arXiv 2206.00364, Sec. 3): doubling N divides it by 4 or 2,
+    up to corrections O(1/N), about 5% at N = 32; we allow 15%."""
+    c, sigma_max, sigma_min = 0.7, 5.0, 0.002
 
     def D(x, sigma):
         return x * c ** 2 / (c ** 2 + sigma ** 2)
-    x0 = torch.randn(100, 2, dtype=torch.float64) * math.sqrt(c ** 2 + 5.0 ** 2)
-    sigmas = sampler.sigma_steps(200, 0.002, 5.0, 7)
-    x = sampler.heun_sample(D, x0, sigmas)
-    expected = x0 * c / math.sqrt(c ** 2 + 25)
-    assert torch.allclose(x, expected, atol=2e-3 * c)
+    x0 = sigma_max * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = x0 * math.sqrt(c ** 2 + sigma_min ** 2) / math.sqrt(c ** 2 + sigma_max ** 2)
+    # stop at sigma_min: every step is then the method's own (the step to 0 is Euler's in both)
+    err = [(solve(D, x0, sampler.sigma_steps(n, sigma_min, sigma_max)[:-1]) - exact).abs().max().item()
+           for n in (32, 64)]
+    assert abs(err[0] / err[1] / 2 ** order - 1) < 0.15, err
+
+
+def _toy_ode_solution(g, x0, sigma_max, sigma_min):
+    """An independent solve of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
+    (EDM, arXiv 2206.00364, Eqs. 1 and 3 with sigma(t) = t): scipy's 8th-order DOP853 in ln sigma at
+    tolerance 1e-8, then the sampler's last step to sigma = 0, x - sigma_min dx/dsigma = D(x; sigma_min)."""
+    from scipy.integrate import solve_ivp
+
+    def slope(log_sigma, y):   # dx / d ln sigma = x - D(x; sigma)
+        x = torch.from_numpy(y.reshape(-1, 2))
+        return (x - g.denoise(x, math.exp(log_sigma))).numpy().reshape(-1)
+    sol = solve_ivp(slope, (math.log(sigma_max), math.log(sigma_min)), x0.numpy().reshape(-1),
+                    method="DOP853", rtol=1e-8, atol=1e-8)
+    assert sol.success
+    return g.denoise(torch.from_numpy(sol.y[:, -1].reshape(-1, 2)), sigma_min)
+
+
+def test_32_heun_steps_solve_the_toy_ode():
+    """The deterministic sampler with the exact toy denoiser, against a fine independent solve of
+    its ODE in float64. The paper's 32 steps land within 0.01 RMS of it (2% of the data's std 0.5);
+    8 steps, or 32 first-order (Euler) steps, miss it by a factor of 5 or more."""
+    g = toy2d.gmm("A")
+    x0 = g.sample(32, sigma=5.0, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = _toy_ode_solution(g, x0, 5.0, 0.002)
+
+    def rms_error(steps):
+        x = sampler.heun_sample(g.denoise, x0, sampler.sigma_steps(steps, 0.002, 5.0, 7))
+        return (x - ref).norm(dim=1).square().mean().sqrt().item()
+    assert rms_error(32) < 0.01 < rms_error(8)
 
 
 def test_exact_denoiser_reproduces_the_true_distribution():
-    """Sampling with the exact toy denoiser gives the true class-A distribution."""
+    """The toy's sampling at its default settings (32 Heun steps, as checked above) with the exact
+    denoiser, from exact samples at sigma_max, gives samples of the class-A mixture: mean and
+    covariance against their closed forms, mean log-density against fresh exact samples.
+    Tolerance: 5 standard errors of each estimate."""
+    from toy2d.reproduce import Settings, sample, start_points
+    settings = Settings()
     g = toy2d.gmm("A")
-    gen = torch.Generator().manual_seed(2)
-    n = 2048
-    x0 = g.sample(n, sigma=5.0, generator=gen, dtype=torch.float64)
-    x = sampler.heun_sample(g.denoise, x0, sampler.sigma_steps(32, 0.002, 5.0, 7))
-    truth = g.sample(200_000, generator=gen, dtype=torch.float64)
-    assert (x.mean(0) - truth.mean(0)).abs().max() < 0.02
-    assert np.abs(np.cov(x.numpy(), rowvar=False) - np.cov(truth.numpy(), rowvar=False)).max() < 0.01
-    # mean exact log-density close to the truth's (the paper's 32 Heun steps)
-    assert abs(g.logp(x).mean().item() - g.logp(truth[:n]).mean().item()) < 0.15
+    n = 512
+    x = sample(g.denoise, start_points(settings, n, seed=2), settings).double().numpy()
+    w, mu, cov = g.weight, g.mu, g.cov
+    mean = (w[:, None] * mu).sum(0)
+    covariance = (w[:, None, None] * (cov + mu[:, :, None] * mu[:, None, :])).sum(0) - np.outer(mean, mean)
+    dev = x - mean
+    products = dev[:, :, None] * dev[:, None, :]
+    assert (np.abs(x.mean(0) - mean) < 5 * x.std(0) / math.sqrt(n)).all()
+    assert (np.abs(np.cov(x, rowvar=False) - covariance) < 5 * products.std(0) / math.sqrt(n)).all()
+    truth = g.sample(4 * n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logp_x, logp_truth = g.logp(torch.from_numpy(x)), g.logp(truth)
+    se = math.sqrt(logp_x.var().item() / n + logp_truth.var().item() / (4 * n))
+    assert abs(logp_x.mean().item() - logp_truth.mean().item()) < 5 * se
 
 
 def test_per_sample_seeds_are_batch_invariant():
@@ -126,6 +184,55 @@ def test_churn_with_seeded_noise_is_batch_invariant():
     assert not torch.allclose(full, plain)  # churn does something
 
 
+def _edm_stochastic_sampler(D, x, sigmas, churn, churn_min, churn_max, noise_scale, noise):
+    """EDM's Algorithm 2 (arXiv 2206.00364) line by line: S_churn, S_tmin, S_tmax, S_noise.
+    eps is drawn only where gamma > 0 (elsewhere it is multiplied by 0)."""
+    steps = len(sigmas) - 1
+    for t, t_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        gamma = min(churn / steps, math.sqrt(2) - 1) if churn_min <= t <= churn_max else 0.0
+        t_hat = t + gamma * t
+        x_hat = x + math.sqrt(t_hat ** 2 - t ** 2) * noise_scale * noise(x) if gamma > 0 else x
+        d = (x_hat - D(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if t_next != 0:
+            d_next = (x - D(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (d / 2 + d_next / 2)
+    return x
+
+
+@pytest.mark.parametrize("churn,churn_min,churn_max,noise_scale", [
+    (2.0, 0.0, math.inf, 1.0),      # gamma = churn / steps = 0.25
+    (40.0, 0.0, math.inf, 1.0),     # gamma capped at sqrt(2) - 1
+    (5.0, 0.05, 1.0, 1.007)])       # churn only for 0.05 <= sigma <= 1, EDM's S_noise
+def test_churn_follows_edm_algorithm_2(churn, churn_min, churn_max, noise_scale):
+    """Every (x_hat, sigma_hat) the denoiser receives and the result, against Algorithm 2 written out
+    above, with the same noise draws. Same float64 operations: equal to a few ulps (1e-12 relative)."""
+    g = toy2d.gmm("A")
+    x0 = g.sample(16, sigma=5.0, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sigmas = sampler.sigma_steps(8, 0.002, 5.0, 7)
+
+    def run(solve):
+        calls = []
+        gen = torch.Generator().manual_seed(5)
+
+        def D(x, sigma):
+            calls.append((x.clone(), float(sigma)))
+            return g.denoise(x, sigma)
+
+        def noise(like):
+            return torch.randn(like.shape, generator=gen, dtype=like.dtype)
+        return solve(D, x0, sigmas, churn=churn, churn_min=churn_min, churn_max=churn_max,
+                     noise_scale=noise_scale, noise=noise), calls
+    x, calls = run(sampler.heun_sample)
+    x_ref, calls_ref = run(_edm_stochastic_sampler)
+    assert len(calls) == len(calls_ref) == 2 * 8 - 1
+    for (xh, sh), (xh_ref, sh_ref) in zip(calls, calls_ref):
+        assert math.isclose(sh, sh_ref, rel_tol=1e-12)
+        assert torch.allclose(xh, xh_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(x, x_ref, rtol=1e-12, atol=1e-12)
+    assert any(sh > s for (_, sh), s in zip(calls[::2], sigmas.tolist()))   # the churn did act
+
+
 def test_trajectory_recording():
     g = toy2d.gmm("A")
     x0 = g.sample(16, sigma=5.0, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -140,19 +247,33 @@ def _pair():
     return a, ab, x
 
 
-def test_weight_one_is_the_main_model():
+@pytest.mark.parametrize("w", [-1.0, 0.0, 0.5, 1.0, 2.5, 12.0])
+def test_guided_denoiser_formula(w):
+    """D_w = D_guide + w (D_main - D_guide) (arXiv 2406.02507, Sec. 3), computed here from the two
+    denoisers' outputs, for each wrapper; truncation is x + w (D - x). w = 1 gives the main model.
+    Tolerance: the same formula up to the order of float64 operations, a few ulps of (1 + |w|) |D|."""
     a, ab, x = _pair()
-    assert torch.allclose(guidance.autoguidance(a.denoise, ab.denoise, 1.0)(x, 0.3), a.denoise(x, 0.3))
+    s = 0.3
+    d_main, d_guide = a.denoise(x, s), ab.denoise(x, s)
+    expected = d_guide + w * (d_main - d_guide)
+    tol = 8 * torch.finfo(torch.float64).eps * (1 + abs(w)) * max(d_main.abs().max(), d_guide.abs().max())
+    for wrapper in (guidance.autoguidance, guidance.cfg, guidance.guided):
+        assert (wrapper(a.denoise, ab.denoise, w)(x, s) - expected).abs().max() <= tol
+    assert (guidance.autoguidance(a.denoise, ab.denoise, w, interval=(0.1, 1.0))(x, s) - expected).abs().max() <= tol
+    for method in ("cfg", "autoguidance"):
+        assert (guidance.make(method, a.denoise, ab.denoise, w)(x, s) - expected).abs().max() <= tol
+    truncated = x + w * (d_main - x)
+    assert (guidance.truncation(a.denoise, w)(x, s) - truncated).abs().max() <= tol
+    assert (guidance.make("truncation", a.denoise, None, w)(x, s) - truncated).abs().max() <= tol
 
 
-def test_guidance_formula_in_denoiser_and_score_space():
+def test_guidance_extrapolates_the_scores_alike():
+    """D = x + sigma^2 s is affine in the score s (EDM, arXiv 2206.00364, Eq. 3), so the guided
+    denoiser's score is s_guide + w (s_main - s_guide), with the toy's exact scores."""
     a, ab, x = _pair()
     w, s = 2.5, 0.3
-    d = guidance.cfg(a.denoise, ab.denoise, w)(x, s)
-    assert torch.allclose(d, ab.denoise(x, s) + w * (a.denoise(x, s) - ab.denoise(x, s)))
-    score = (d - x) / s ** 2
+    score = (guidance.cfg(a.denoise, ab.denoise, w)(x, s) - x) / s ** 2
     assert torch.allclose(score, ab.score(x, s) + w * (a.score(x, s) - ab.score(x, s)), atol=1e-8)
-    assert torch.allclose(guidance.autoguidance(a.denoise, ab.denoise, 0.0)(x, s), ab.denoise(x, s))
 
 
 def test_interval_switches_at_the_right_sigma():
@@ -205,7 +326,8 @@ def test_unknown_method_and_missing_guide():
         guidance.make("autoguidance", lambda x, s: x, None, 2.0)
 
 
-def test_make_at_weight_one_is_the_main_model_itself():
+def test_make_at_weight_one_returns_the_main_model_itself():
+    """make's shortcut: at w = 1 no guide is evaluated and the main model's output is not rounded."""
     a, ab, x = _pair()
     main = a.denoise   # a bound method: a new object at each attribute access
     for method in ("cfg", "autoguidance", "truncation"):
@@ -218,12 +340,29 @@ def test_make_at_weight_one_is_the_main_model_itself():
         guidance.make("autoguidance", a.denoise, ab.denoise, 1.0, interval=(1.0, 0.5))
 
 
-def test_negative_and_large_weights_are_allowed():
-    a, ab, x = _pair()
-    for w in (-1.0, 0.5, 12.0):
-        d = guidance.make("cfg", a.denoise, ab.denoise, w)(x, 0.3)
-        expected = ab.denoise(x, 0.3) + w * (a.denoise(x, 0.3) - ab.denoise(x, 0.3))
-        assert torch.allclose(d, expected, rtol=1e-12, atol=1e-12)
+# ---- learning-rate schedule ----------------------------------------------------
+@pytest.mark.parametrize("step,expected", [
+    (0, 0.01 * 8 / 80),    # warm-up: step s (from 0) counts the (s + 1) * batch images seen after it
+    (4, 0.01 * 40 / 80),
+    (8, 0.01 * 72 / 80),
+    (9, 0.01),             # warm-up done after 80 images
+    (100, 0.01),           # decay: t = s, the batches before the step; t = t_ref, the decay starts
+    (400, 0.01 / 2),       # 1 / sqrt(t / t_ref) = 1 / sqrt(4)
+    (2500, 0.01 / 5)])     # 1 / sqrt(25)
+def test_learning_rate_schedule_by_hand(step, expected):
+    """EDM2's alpha_ref / sqrt(max(t / t_ref, 1)) with a linear warm-up (arXiv 2312.02696, Sec. 2
+    and App. B): batch 8, t_ref = 100 batches, warm-up over 80 images (10 steps)."""
+    from mini_autoguide.train import learning_rate
+    assert learning_rate(step, 8, 0.01, 100, 80) == pytest.approx(expected, rel=1e-12)
+
+
+def test_learning_rate_warm_up_and_decay_together():
+    """At step 400 (t / t_ref = 4: factor 1/2) of a warm-up over 8020 images with batch 10,
+    (400 + 1) * 10 / 8020 = 1/2: lr = 0.01 / 2 * 1/2. Without warm-up (0 images) only the decay."""
+    from mini_autoguide.train import learning_rate
+    assert learning_rate(400, 10, 0.01, 100, 8020) == pytest.approx(0.0025, rel=1e-12)
+    assert learning_rate(0, 10, 0.01, 100, 0) == 0.01
+    assert learning_rate(400, 10, 0.01, 100, 0) == pytest.approx(0.005, rel=1e-12)
 
 
 # ---- EMA ---------------------------------------------------------------------

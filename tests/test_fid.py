@@ -4,7 +4,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from mini_autoguide import fid, metrics
+import knn_reference
+from mini_autoguide import evaluate, fid, metrics
 
 
 # --- Frechet distance --------------------------------------------------------------------------
@@ -59,6 +60,37 @@ def test_precision_recall_on_constructed_sets():
     core = real[np.linalg.norm(real, axis=1) < 1.5]
     p, r = metrics.precision_recall(real, np.repeat(core, 3, 0) + rng.normal(scale=0.01, size=(3 * len(core), 6)))
     assert p > 0.95 and r < 0.4
+
+
+def _two_sets(dim):
+    """A dense cluster and a sparse one (k-NN radii of very different sizes, so that the k-d tree's
+    nearest candidates do not settle every query) against a broader set."""
+    rng = np.random.default_rng(0)
+    real = np.concatenate([0.3 * rng.normal(size=(250, dim)), rng.normal(size=(50, dim)) + 2.0])
+    fake = 0.8 * rng.normal(size=(300, dim)) + 0.5
+    return real, fake
+
+
+@pytest.mark.parametrize("dim", [2, 6])   # 2: the k-d tree path; 6 (more than 3): blocked cdist
+def test_precision_recall_match_brute_force_knn(dim):
+    """The default k = 3, a point not its own neighbour, against a float64 brute force
+    (tests/knn_reference.py): equal but for queries within float32 rounding of a ball's edge. On these
+    sets the answer changes with k: k = 1, 2 (also what counting the point itself gives), 4, 5 or 10
+    would fail."""
+    real, fake = _two_sets(dim)
+    slack = knn_reference.float32_slack(real, fake)
+
+    def reference(k):
+        return knn_reference.coverage(fake, real, k, slack), knn_reference.coverage(real, fake, k, slack)
+    (p, p_unsure), (r, r_unsure) = reference(3)
+    precision, recall = metrics.precision_recall(real, fake)
+    assert abs(precision - p) <= p_unsure and abs(recall - r) <= r_unsure
+    radii = knn_reference.knn_radii(real, 3)
+    assert np.abs(metrics.knn_radii(real).numpy() ** 2 - radii ** 2).max() <= slack
+    assert np.abs(evaluate.Reference.from_features(real, {}).radii.numpy() ** 2 - radii ** 2).max() <= slack
+    for k in (1, 2, 4, 5, 10):
+        (pk, pk_unsure), (rk, rk_unsure) = reference(k)
+        assert abs(pk - p) > pk_unsure + p_unsure or abs(rk - r) > rk_unsure + r_unsure, k
 
 
 # --- Resize and Inception pipeline ----------------------------------------------------------------

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+import knn_reference
 import toy2d
 from mini_autoguide.checkpoint import CheckpointError
 from mini_autoguide.edm import exact_score_loss
 from toy2d.metrics import ToyMetrics
 from toy2d.model import ToyMLP
 from toy2d.reproduce import load_toy, save_toy
-from toy2d.train import ToyConfig, train
+from toy2d.train import ToyConfig, learning_rate, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # many small ops: one thread is faster on a busy CPU
 
 
 def test_score_is_the_gradient_of_logp_by_finite_differences_in_float64():
@@ -104,6 +107,13 @@ def test_dsm_loss_trains_too():
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
+def test_learning_rate_schedule_by_hand():
+    """lr / sqrt(max(t / t_ref, 1)), iterations t counted from 1, no warm-up (arXiv 2406.02507, App. C)."""
+    config = ToyConfig(lr=0.01, lr_ref_iter=100)
+    for t, expected in ((1, 0.01), (100, 0.01), (400, 0.01 / 2), (2500, 0.01 / 5)):
+        assert learning_rate(config, t) == pytest.approx(expected, rel=1e-12)
+
+
 def test_training_is_deterministic_per_seed():
     a, _ = train(ToyConfig(width=8, iterations=5, batch=256, seed=3))
     b, _ = train(ToyConfig(width=8, iterations=5, batch=256, seed=3))
@@ -177,6 +187,15 @@ def test_metrics_on_true_and_bad_samples():
     rb = m(toy2d.gmm("B").sample(2048, generator=gen))
     assert rb["outliers"] > 0.9 and rb["precision"] < 0.2
     assert r["diverged"] == 0
+
+
+def test_metrics_use_the_third_nearest_neighbour():
+    """The reference's k-NN radii for precision/recall: k = 3, a point not its own neighbour, against a
+    float64 brute force (tests/knn_reference.py), to float32 rounding."""
+    m = ToyMetrics("A", n_reference=300, n_threshold=1000)
+    reference = m.reference.numpy()
+    radii = knn_reference.knn_radii(reference, 3)
+    assert np.abs(m.reference_radii.numpy() ** 2 - radii ** 2).max() <= knn_reference.float32_slack(reference)
 
 
 def test_metrics_count_diverged_samples_against_the_method():
