@@ -14,7 +14,8 @@ def plot_sweep(points, metrics, out, title=None, best_marker=True):
 
     One panel per metric, x = w, one line per run name (several snapshots of
     one run: one line each, labelled by the main/guide file). Lowest value
-    marked per line when best_marker. Writes a PNG atomically.
+    marked per line when best_marker. Writes a PNG atomically; returns the Figure
+    (closed: its Axes stay readable).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -41,6 +42,7 @@ def plot_sweep(points, metrics, out, title=None, best_marker=True):
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+    return fig
 
 
 def plot_ema_sensitivity(points, metric, label, out, title=None):
@@ -49,7 +51,7 @@ def plot_ema_sensitivity(points, metric, label, out, title=None):
     points: sweep points with name ("autoguidance", "CFG", "no guidance"), weight, ema_main, ema_guide and
     `metric`. Three panels: the metric against EMA_m (the guide's EMA at its best), against EMA_g (the
     main's EMA at its best), one line per w; and against w, each method at its best EMA lengths.
-    Writes a PNG atomically.
+    Writes a PNG atomically; returns the Figure (closed: its Axes stay readable).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -96,6 +98,7 @@ def plot_ema_sensitivity(points, metric, label, out, title=None):
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+    return fig
 
 
 def _lines(points):

@@ -5,22 +5,28 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
 from mini_autoguide.cli import main
+from toy2d import plots
 from toy2d.model import ToyMLP
 from toy2d.reproduce import METHODS, save_toy
 from toy2d.train import ToyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 
 def run(*args):
-    """The CLI as a user runs it: a subprocess, so tracebacks would show."""
-    return subprocess.run([sys.executable, "-m", "mini_autoguide", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    """The CLI as a user runs it: a subprocess, so tracebacks would show. torch on one thread
+    (OMP_NUM_THREADS): the toy's small matrix products on a shared 2-core CPU run several times
+    faster than with two threads competing with other processes (see conftest.py)."""
+    return subprocess.run([sys.executable, "-m", "mini_autoguide", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def bad(capsys, *args):
@@ -47,7 +53,10 @@ def test_reproduce_fast_end_to_end(reproduced):
         assert x.shape == (4096, 2) and np.isfinite(x).all()
         assert set(report["methods"][name]) >= {"mean_logp", "outliers", "branch_tv", "precision", "recall"}
     for fig in ("samples.png", "guide.png", "sweep.png"):
-        assert (out / fig).stat().st_size > 10_000
+        # a drawn figure, not an empty canvas: hundreds of pixels a side, many distinct colours
+        # (what each figure shows is checked in test_plot_and_evaluate_from_a_run)
+        png = plt.imread(out / fig)
+        assert min(png.shape[:2]) > 200 and len(np.unique(png.reshape(-1, png.shape[2]), axis=0)) > 100
     assert "autoguidance" in r.stdout and "outliers" in r.stdout
     # a (method, w) is sampled once; every method at w = 1 is the main model alone
     for point in report["sweep"]:
@@ -120,14 +129,52 @@ def test_reproduce_refuses_to_overwrite(reproduced):
     assert (out / "metrics.json").read_bytes() == before
 
 
-def test_plot_and_evaluate_from_a_run(reproduced, tmp_path, capsys):
+def test_plot_and_evaluate_from_a_run(reproduced, tmp_path, capsys, monkeypatch):
     out, _ = reproduced
+    drawn, all_figures = {}, plots.all_figures   # keep the Figures that `toy plot` draws
+    monkeypatch.setattr(plots, "all_figures", lambda *args: drawn.update(all_figures(*args)))
+    pixels = {name: plt.imread(out / f"{name}.png") for name in ("samples", "sweep")}
     assert main(["toy", "plot", "--outdir", str(out)]) == 0
+    check_figures(drawn, out)
+    # reproduce drew the same pictures from the same numbers (the guide figure also reruns the
+    # networks, so it is left out: a thread count could move a trajectory by a float rounding)
+    for name, before in pixels.items():
+        assert np.array_equal(plt.imread(out / f"{name}.png"), before), name
     js = tmp_path / "eval.json"
     assert main(["toy", "evaluate", str(out / "samples" / "truth.npz"), "--json", str(js)]) == 0
     assert "precision" in capsys.readouterr().out
     assert json.loads(js.read_text())
     bad(capsys, "toy", "evaluate", str(out / "samples" / "truth.npz"), "--json", str(js))  # exists
+
+
+def check_figures(figs, out):
+    """The figures show the run's own samples and metrics."""
+    report = json.loads((out / "metrics.json").read_text())
+    names = ("truth", "none", "autoguidance", "cfg", "truncation")
+    # samples: one panel a method, its samples (the first 3000) and its metrics under them
+    assert [ax.get_title().split(" (w=")[0] for ax in figs["samples"].axes] == [plots.LABEL[m] for m in names]
+    for ax, name in zip(figs["samples"].axes, names):
+        (dots,) = ax.collections
+        assert np.array_equal(dots.get_offsets(), np.load(out / "samples" / f"{name}.npz")["x"][:3000])
+        assert ax.get_xlabel().startswith(f"outliers {100 * report['methods'][name]['outliers']:.1f}%")
+    # sweep: per method, precision and outlier rate against recall over its weights
+    for ax, key in zip(figs["sweep"].axes, ("precision", "outliers")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for method in ("autoguidance", "cfg", "truncation"):
+            rows = [r for r in report["sweep"] if r["method"] == method]
+            assert list(lines[plots.LABEL[method]].get_xdata()) == [r["recall"] for r in rows]
+            assert list(lines[plots.LABEL[method]].get_ydata()) == [r[key] for r in rows]
+        truth = report["methods"]["truth"]
+        assert ax.collections[0].get_offsets().tolist() == [[truth["recall"], truth[key]]]
+    # guide: main, guide, their log-ratio, then trajectories without and with autoguidance from
+    # the same 24 starting points, ending in different places
+    guide = figs["guide"].axes
+    assert len(guide) == 4 and not np.array_equal(guide[0].images[0].get_array(), guide[1].images[0].get_array())
+    paths = {m: [np.column_stack(line.get_data()) for line in guide[3].get_lines()
+                 if line.get_color() == plots.STYLE[m][0]] for m in ("none", "autoguidance")}
+    assert [len(p) for p in paths.values()] == [24, 24]
+    none, auto = (np.array([p[[0, -1]] for p in paths[m]]) for m in paths)   # [24, start/end, 2]
+    assert np.array_equal(none[:, 0], auto[:, 0]) and np.abs(none[:, 1] - auto[:, 1]).max() > 0.01
 
 
 @pytest.fixture(scope="module")

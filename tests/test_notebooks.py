@@ -5,13 +5,16 @@ Tutorials run in order in one session-wide model cache (a fresh temporary
 folder), so notebook 04 loads the toy models that notebook 03 trained, as it
 would for a reader. Each notebook's wall time is printed (pytest -s).
 """
+import ast
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +23,7 @@ nbclient = pytest.importorskip("nbclient")
 
 from mini_autoguide import assignment_checks as checks, guidance, sampler
 from mini_autoguide.ema import sigma_rel_to_gamma
+import toy2d
 from toy2d import assignment_checks as toy_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,11 +119,139 @@ def test_tutorial_runs_in_fast_mode(path, fast_env):
     name = os.path.basename(path)
     if name.startswith("01"):  # the hand-written Heun step is the package's, exactly
         assert "max |hand-written Heun step - sampler.heun_sample| = 0.0e+00" in text
-    if name.startswith("03") or name.startswith("04"):
-        assert "autoguidance" in text and "precision" in text
+    if name[:2] in PRINTED_NUMBERS:
+        PRINTED_NUMBERS[name[:2]](text)
     if name.startswith("06"):   # the committed studies were read, and the sliders' view ran at its defaults
         assert "seeds better than no guidance" in text and "Robust recipe" in text
         assert "headless run at the defaults" in text
+
+
+# ---- what the tutorials print: relations their numbers must satisfy -------------------
+# Each check reads the numbers a tutorial printed and asserts what follows from the method (or
+# what the notebook's own text claims), not the values of one run.
+def _groups(pattern, text):
+    """The groups of the one match of pattern in text."""
+    found = re.findall(pattern, text)
+    assert len(found) == 1, f"{pattern!r} matched {len(found)} times"
+    return found[0] if isinstance(found[0], tuple) else (found[0],)
+
+
+def _floats(pattern, text):
+    return [float(v) for v in _groups(pattern, text)]
+
+
+def _rows(text, names, columns=5):
+    """{name: [floats]} of a printed table whose rows start with the given names."""
+    number = r"\s+(-?[\d.]+)"
+    return {name: _floats(r"(?m)^" + re.escape(name) + number * columns + r"\s*$", text) for name in names}
+
+
+def _check_metric_ranges(table):
+    for name, (_, outliers, branch_tv, precision, recall) in table.items():
+        assert all(0 <= v <= 1 for v in (outliers, branch_tv, precision, recall)), name
+
+
+def check_fractal(text):
+    n, a, b, branches, per_branch = _floats(r"(\d+) components: (\d+) in class A, (\d+) in class B; "
+                                            r"(\d+) branches of (\d+) components each", text)
+    assert a == b and a + b == n == branches * per_branch == 2 * (2 ** 7 - 1) * 8   # 7 levels, 8 Gaussians
+    shares_text, ratio = _groups(r"mass by depth: \[([\d. ]+)\] ; ratio between levels ≈ ([\d.]+)", text)
+    shares, ratio = np.array(shares_text.split(), dtype=float), float(ratio)
+    assert len(shares) == 7 and abs(shares.sum() - 1) <= 7 * 5e-5        # shares printed to 4 decimals
+    assert ratio == pytest.approx(np.mean(shares[1:] / shares[:-1]), abs=0.01)   # ratio to 2
+    # 2^k branches at depth k, each of weight (its length ~ 0.8^k) x 0.5^k: a level holds ~0.8 of the one before
+    assert 0.7 < ratio < 0.95
+    # Moments: the mixture of A and B (weights pi_A, 1 - pi_A) has the mean and variance of a mixture,
+    # and was calibrated to mean 0 and std 0.5 (EDM's sigma_data).
+    weight, _, _, branch, cls = toy2d.tree()
+    pi_a = weight[cls == 0].sum() / weight.sum()
+    assert _floats(r"\(π_A = ([\d.]+)\)", text)[0] == pytest.approx(pi_a, abs=5e-4)
+    (mean_a, std_a), (mean_b, std_b), (mean_ab, std_ab) = (np.reshape(_floats(
+        rf"class {c} *: exact mean \[ *(-?[\d.]+) +(-?[\d.]+)\], exact std per axis \[ *([\d.]+) +([\d.]+)\]", text),
+        (2, 2)) for c in ("A", "B", "AB"))
+    var = pi_a * std_a ** 2 + (1 - pi_a) * std_b ** 2 + pi_a * (1 - pi_a) * (mean_a - mean_b) ** 2
+    # printed to 4 decimals: the rounding moves these sums by a few 1e-4 at most
+    assert mean_ab == pytest.approx(pi_a * mean_a + (1 - pi_a) * mean_b, abs=1e-3)
+    assert std_ab == pytest.approx(np.sqrt(var), abs=1e-3)
+    assert np.abs(mean_ab).max() < 5e-3 and np.abs(std_ab - 0.5).max() < 5e-3
+    # The mean posterior probability of the true branch, E[p(b_true | x)] = E[sum_b p(b | x)^2]: more
+    # noise never adds information, so it falls with sigma (in expectation), toward the prior's
+    # sum_b p(b)^2 (Jensen: E[p(b | x)^2] >= p(b)^2).
+    posterior = re.findall(r"σ = (\S+) +posterior probability of the true branch: ([\d.]+)", text)
+    sigmas, certainty = np.array(posterior, dtype=float).T
+    assert sigmas.tolist() == [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    assert certainty[0] <= 1 and (np.diff(certainty) < 0).all()
+    a = cls == 0
+    prior = np.bincount(branch[a] - branch[a].min(), weights=weight[a]) / weight[a].sum()
+    assert certainty[-1] >= (prior ** 2).sum()
+    # p_AB = pi_A p_A + pi_B p_B >= pi_A p_A, so log p_A - log p_AB <= -log pi_A at every point
+    ratio_a, minus_log_pi = _floats(r"mean log p_A − log p_AB = ([\d.]+); −log π_A = ([\d.]+)", text)
+    assert minus_log_pi == pytest.approx(-np.log(pi_a), abs=5e-4) and ratio_a <= minus_log_pi
+
+
+def check_weak_guide(text):
+    main_width, main_it, guide_width, guide_it = _floats(
+        r"main: width (\d+), (\d+) it; guide: width (\d+), (\d+) it", text)
+    assert guide_width <= main_width and guide_it < main_it               # the guide is the weaker model
+    ll = {name: _floats(rf"{name} +mean log-likelihood[^:]*: (-?[\d.]+)", text)[0] for name in ("main", "guide", "exact")}
+    assert ll["guide"] < ll["main"] and ll["guide"] < ll["exact"]            # it blurs the tree more
+    # The premise, as the notebook states it: at small sigma the guide errs the same way (cos > 0), more.
+    errors = np.array(re.findall(r"(?m)^ +([\d.]+) +(-?[\d.]+) +([\d.]+)$", text), dtype=float)
+    assert errors[:, 0].tolist() == [0.01, 0.03, 0.1, 0.3, 1.0]
+    assert (np.abs(errors[:, 1]) <= 1).all() and (errors[errors[:, 0] <= 0.1, 1:] > [0, 1]).all()
+    # And its caveat: point by point the guided score is farther from the exact score than the main one.
+    guided = np.array(re.findall(r"(?m)^ +([\d.]+) +(-?[\d.]+) +([\d.]+) → ([\d.]+)$", text), dtype=float)
+    assert guided[:, 0].tolist() == [0.01, 0.03, 0.1, 0.3, 1.0] and (np.abs(guided[:, 1]) <= 1).all()
+    assert (guided[:, 3] > guided[:, 2]).all()
+    table = _rows(text, ("true samples", "no guidance", "autoguidance"))
+    _check_metric_ranges(table)
+    # True samples fall outside the region holding 99% of the mass 1% of the time.
+    assert table["true samples"][1] < 0.03
+    # The take-away: autoguidance raises precision and mean log-density, lowers the outlier rate,
+    # and keeps most (here: more than half) of the recall.
+    (logp_n, out_n, _, prec_n, rec_n), (logp_a, out_a, _, prec_a, rec_a) = table["no guidance"], table["autoguidance"]
+    assert prec_a > prec_n and logp_a > logp_n and out_a < out_n and rec_a > rec_n / 2
+
+
+def check_zoo(text):
+    weights = ast.literal_eval(_groups(r"weights (\{.*\})", text)[0])
+    table = _rows(text, ("truth", "none", "truncation", "cfg", "autoguidance", "autoguidance + interval"))
+    _check_metric_ranges(table)
+    assert table["truth"][1] < 0.03                        # 1% of true samples lie outside the 99% region
+    precision, recall, outliers = ({m: table[m][k] for m in table} for k in (3, 4, 1))
+    guided = ("truncation", "cfg", "autoguidance")
+    # The take-away: every guidance method raises quality and costs diversity; CFG ends with the
+    # least recall and the most outliers.
+    assert all(precision[m] > precision["none"] and recall[m] < recall["none"] for m in guided)
+    assert min(guided, key=recall.get) == "cfg" and max(guided, key=outliers.get) == "cfg"
+    target, w = _floats(r"recall at precision ([\d.]+) \(autoguidance's at w = ([\d.]+)\)", text)
+    assert target == precision["autoguidance"] and w == weights["autoguidance"]
+    at = {m: _floats(rf"(?m)^  {m} +([\d.]+)$", text)[0] for m in ("autoguidance", "CFG", "truncation")}
+    # autoguidance's sweep holds its own weight, sampled from the same points: the table's recall
+    assert at["autoguidance"] == recall["autoguidance"]
+    # at autoguidance's precision, CFG keeps less recall, mild truncation at least as much
+    assert at["CFG"] < at["autoguidance"] <= at["truncation"]
+
+
+def check_images(text):
+    _, channels, height, width, classes = _floats(r"(\d+) images (\d+)x(\d+)x(\d+), (\d+) classes", text)
+    assert (channels, height, width, classes) == (1, 32, 32, 10)          # Fashion-MNIST, padded to 32
+    main_params, guide_params = (int(v.replace(",", "")) for v in _groups(
+        r"fmnist-main: ([\d,]+) parameters; fmnist-guide: ([\d,]+)", text))
+    assert guide_params < main_params
+    # magnitude-preserving layers: unit-variance input keeps every block's output RMS near 1
+    low, high, mean = _floats(r"block output RMS: min ([\d.]+), max ([\d.]+), mean ([\d.]+)", text)
+    assert 0.75 < low <= mean <= high < 1.25
+    # the guide is trained for a quarter of the main model's steps
+    main_steps, main_loss = _floats(r"main: (\d+) steps of batch \d+ in \d+s, last loss (-?[\d.]+)", text)
+    guide_steps, guide_loss = _floats(r"guide: (\d+) steps of batch \d+ in \d+s, last loss (-?[\d.]+)", text)
+    assert main_steps == 4 * guide_steps > 0 and np.isfinite([main_loss, guide_loss]).all()
+    fd = {m: _floats(rf"{m} +w = ([\d.]+) +Fréchet distance \(pooled pixels\) to real: ([\d.]+) +\((\d+) samples\)", text)
+          for m in ("none", "cfg", "autoguidance")}
+    assert fd["none"][0] == 1.0 and all(d >= 0 and count == 16 for _, d, count in fd.values())
+
+
+PRINTED_NUMBERS = {"02": check_fractal, "03": check_weak_guide, "04": check_zoo, "05": check_images}
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=os.path.basename)

@@ -1,4 +1,5 @@
 """Image sampling: per-seed determinism, batch-size invariance, guide cost, guide checks, CLI outputs."""
+import math
 import os
 
 import numpy as np
@@ -7,9 +8,12 @@ import torch
 
 from mini_autoguide import cli, generate as gen
 from mini_autoguide.checkpoint import save_model
+from mini_autoguide.sampler import randn_from_seeds
 from mini_autoguide.unet import KIND
 
 from image_helpers import assert_close_up_to_reordering, tiny_net
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_parse_seeds():
@@ -19,10 +23,22 @@ def test_parse_seeds():
             gen.parse_seeds(bad)
 
 
+def assert_uint8_of(images, x):
+    """images (uint8 [N, H, W, C]) are x (float [N, C, H, W], in [-1, 1]) mapped to 0..255:
+    127.5 (x + 1) rounded to the nearest integer (halves up), then clipped."""
+    v = x.double().permute(0, 2, 3, 1).numpy() * 127.5 + 128
+    expected = np.floor(v).clip(0, 255)
+    # generate computes v in float32 (its ulp at 256 is 3e-5): within 1e-4 of an integer it may round either way
+    near_integer = np.abs(v - np.round(v)) < 1e-4
+    assert images.dtype == np.uint8 and images.shape == expected.shape
+    assert (images == expected)[~near_integer].all() and (np.abs(images - expected) <= 1).all()
+
+
 def test_sampling_is_batch_size_invariant_and_seeded():
     main, guide = tiny_net(seed=0), tiny_net(seed=1)
     kw = dict(method="autoguidance", weight=2.0, seeds=range(6), steps=4, sigma_max=20.0)
-    _, labels, whole = gen.generate(main, guide, batch=6, **kw)
+    images, labels, whole = gen.generate(main, guide, batch=6, **kw)
+    assert_uint8_of(images, whole)
     _, labels2, split = gen.generate(main, guide, batch=4, **kw)   # batches of 4 + 2
     assert np.array_equal(labels, labels2) and labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert_close_up_to_reordering(split, whole)   # convolution kernels are blocked by batch size
@@ -30,6 +46,26 @@ def test_sampling_is_batch_size_invariant_and_seeded():
     assert_close_up_to_reordering(one[0], whole[4])                   # seed 4 alone = seed 4 in a batch
     _, _, other = gen.generate(main, guide, batch=6, **{**kw, "seeds": range(6, 12)})
     assert not torch.allclose(other, whole)                           # other seeds, other images
+
+
+def test_a_network_that_outputs_c_skip_x_samples_the_solution_of_its_ode():
+    # out_gain = 0 (as initialised): F = 0, so D(x; sigma) = c_skip x = x sigma_d^2 / (sigma^2 + sigma_d^2).
+    # The probability-flow ODE dx/dsigma = (x - D) / sigma = x sigma / (sigma^2 + sigma_d^2) is then
+    # solved by x(sigma) ~ sqrt(sigma^2 + sigma_d^2): x(0) = x(sigma_max) sigma_d / sqrt(sigma_d^2 + sigma_max^2),
+    # with x(sigma_max) = sigma_max times each seed's noise.
+    net = tiny_net(live=False)
+    seeds, sigma_max, sigma_d = range(4), 20.0, net.sigma_data
+    x_start = sigma_max * randn_from_seeds(seeds, (net.img_channels, net.resolution, net.resolution))
+    exact = x_start * sigma_d / math.sqrt(sigma_d ** 2 + sigma_max ** 2)
+    error = {}
+    for steps in (16, 32):
+        images, _, x = gen.generate(net, seeds=seeds, steps=steps, sigma_max=sigma_max)
+        error[steps] = (x / exact - 1).abs().max().item()
+        assert_uint8_of(images, x)
+    assert (x < -1).any() and (x > 1).any()   # the uint8 check above saw clipping at both ends
+    # The sampler's discretisation error: Heun's method is second order, so doubling the steps
+    # divides it by about 4 (a first-order method's by 2).
+    assert error[16] < 0.1 and error[32] < error[16] / 3
 
 
 def test_channels_last_sampling_matches_nchw():
@@ -171,11 +207,16 @@ def test_cli_sample_writes_pngs_grid_npz_and_refuses_to_overwrite(tmp_path, caps
             "--method", "autoguidance", "--seeds", "0-5", "--steps", "3", "--sigma-max", "20", "--out", str(out)]
     assert cli.main(argv) == 0
     z = np.load(out / "samples.npz")
-    assert z["images"].shape == (6, 8, 8, 1) and z["seeds"].tolist() == list(range(6))
-    assert z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
-    assert os.path.exists(out / "000005.png") and os.path.exists(out / "grid.png")
+    assert z["seeds"].tolist() == list(range(6)) and z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    # the images are generate's for these models and settings (the CLI's default w = 2)
+    images, _, _ = gen.generate(tiny_net(seed=0), tiny_net(seed=1), "autoguidance", 2.0, seeds=range(6), steps=3,
+                                sigma_max=20.0)
+    assert np.array_equal(z["images"], images)
+    # each seed's PNG is its image; the grid has a column a class, so seed i sits at row i // 3, column i % 3
     from PIL import Image
-    assert Image.open(out / "grid.png").size == (3 * 8, 2 * 8)   # columns = classes
+    assert np.array_equal(np.asarray(Image.open(out / "000005.png")), images[5, :, :, 0])
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert np.array_equal(grid.reshape(2, 8, 3, 8).transpose(0, 2, 1, 3).reshape(6, 8, 8), images[..., 0])
     before = (out / "grid.png").read_bytes()
     capsys.readouterr()
     assert cli.main(argv + ["--seeds", "6-11"]) == 2

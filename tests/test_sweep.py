@@ -221,12 +221,25 @@ def test_kept_models_travel_with_the_record(tmp_path, snapshots):
     assert main.read_bytes() == open(snapshots[0], "rb").read()
 
 
-def test_sweep_plot(tmp_path):
+def test_sweep_plot_draws_each_run_against_w(tmp_path):
+    import matplotlib.pyplot as plt
     from mini_autoguide import plots
-    pts = [dict(name=n, main="m", guide=None, weight=w, classifier_fd=(w - 2) ** 2 + i)
-           for i, n in enumerate(["cfg", "autoguidance"]) for w in (1.0, 2.0, 3.0)]
-    plots.plot_sweep(pts, [("classifier_fd", "FD")], str(tmp_path / "s.png"), title="t")
-    assert os.path.getsize(tmp_path / "s.png") > 1000
+    fd = {"cfg": {1.0: 1.0, 2.0: 0.0, 3.0: 1.0}, "autoguidance": {1.0: 5.0, 2.0: 2.0, 3.0: 1.5}}
+    pts = [dict(name=n, main="m", guide=None, weight=w, classifier_fd=v)   # out of order: the plot sorts by w
+           for n in fd for w, v in reversed(fd[n].items())]
+    fig = plots.plot_sweep(pts, [("classifier_fd", "FD")], str(tmp_path / "s.png"), title="t")
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_marker() == "o"}
+    assert list(lines) == ["cfg", "autoguidance"]
+    for name, values in fd.items():
+        assert list(lines[name].get_xdata()) == [1.0, 2.0, 3.0]
+        assert list(lines[name].get_ydata()) == [values[w] for w in (1.0, 2.0, 3.0)]
+    stars = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines() if line.get_marker() == "*"]
+    assert stars == [(2.0, 0.0), (3.0, 1.5)]   # each run's lowest FD
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cfg", "autoguidance"]
+    assert ax.get_ylabel() == "FD" and fig.get_suptitle() == "t"
+    png = plt.imread(tmp_path / "s.png")   # figsize 4.6 x 3.6 inches at 120 dpi, not blank
+    assert png.shape == (432, 552, 4) and png[..., :3].std() > 0.05
 
 
 def test_reference_statistics_resume_after_interruption(tmp_path):

@@ -11,6 +11,8 @@ from mini_autoguide.cli import main
 from toy2d import seeds as seeds_mod
 from toy2d.reproduce import METHODS, Settings, reproduce
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 
 def _report(values, sweep_values):
     """A metrics.json-like report: values[method] = dict of metrics (weights from Settings)."""
@@ -51,9 +53,22 @@ def test_summary_statistics_by_hand(tmp_path):
     json.dumps(summary)   # plain JSON
     text = seeds_mod.format_summary(summary)
     assert "3 seeds (4,7,9)" in text and "[2]" in text
+    # The figure: per panel, one grey line a seed through each method's value, and each method's
+    # mean over the seeds with a bar of +- the standard deviation.
     from toy2d import plots
-    plots.seeds_figure(str(tmp_path / "seeds.png"), summary)
-    assert os.path.getsize(tmp_path / "seeds.png") > 10_000
+    fig = plots.seeds_figure(str(tmp_path / "seeds.png"), summary)
+    outliers_ax, recall_ax = fig.axes
+    grey = [line for line in outliers_ax.get_lines() if line.get_color() == "#999999"]
+    assert [list(line.get_ydata()) for line in grey] == [[none[k], auto[k], 0.2, 0.2] for k in range(3)]
+    assert [list(line.get_ydata()) for line in recall_ax.get_lines() if line.get_color() == "#999999"] == \
+        [[0.9, 0.85 + 0.01 * k, 0.8, 0.8] for k in range(3)]
+    marker, _, (bar,) = outliers_ax.containers[1]   # autoguidance, the second method
+    mean, std = np.mean(auto), np.std(auto, ddof=1)
+    assert marker.get_ydata()[0] == pytest.approx(mean, rel=1e-15)
+    assert bar.get_segments()[0][:, 1] == pytest.approx([mean - std, mean + std], rel=1e-12)
+    assert [t.get_text().split("\n")[0] for t in outliers_ax.get_xticklabels()] == \
+        ["no guidance", "autoguidance", "CFG", "truncation"]
+    assert "3 seeds" in outliers_ax.get_title()
 
 
 def test_a_point_missing_on_some_seed_is_left_out():

@@ -1,7 +1,8 @@
 """Figures for the toy (matplotlib lives here, never in the library core).
 
 Grey-scale-safe: densities in 'Greys', methods told apart by marker and line
-style as well as colour.
+style as well as colour. Each figure function writes a PNG and returns its Figure
+(closed, so pyplot holds no reference; its Axes still hold what was drawn).
 """
 import os
 
@@ -64,7 +65,7 @@ def samples_figure(path, samples, report):
         ax.set_title(LABEL[name] + w)
         ax.set_xlabel(f"outliers {100 * r['outliers']:.1f}%\nprec {r['precision']:.2f}  rec {r['recall']:.2f}")
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def guide_figure(path, nets, settings, sigma=0.05, n_traj=24):
@@ -104,7 +105,7 @@ def guide_figure(path, nets, settings, sigma=0.05, n_traj=24):
     axes[3].legend(loc="lower right", fontsize=7)
     axes[3].set_title("trajectories from sigma = %g" % settings.sigma_max)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def _arrows(ax, score_fn, sigma, color="#c03030", n=12):
@@ -142,7 +143,7 @@ def sweep_figure(path, report):
     axes[0].set_title("quality vs diversity over the weight w")
     axes[1].set_title("outside the 99%-mass region")
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def seeds_figure(path, summary, methods=("none", "autoguidance", "cfg", "truncation")):
@@ -167,17 +168,20 @@ def seeds_figure(path, summary, methods=("none", "autoguidance", "cfg", "truncat
     axes[0].set_title(f"outlier rate: {n} seeds (grey: one seed), mean +- std")
     axes[1].set_title("recall (coverage of the true distribution)")
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def all_figures(outdir, nets, samples, report, settings):
-    samples_figure(os.path.join(outdir, "samples.png"), samples, report)
-    guide_figure(os.path.join(outdir, "guide.png"), nets, settings)
-    sweep_figure(os.path.join(outdir, "sweep.png"), report)
+    """Write samples.png, guide.png and sweep.png; returns their Figures by name."""
+    return dict(samples=samples_figure(os.path.join(outdir, "samples.png"), samples, report),
+                guide=guide_figure(os.path.join(outdir, "guide.png"), nets, settings),
+                sweep=sweep_figure(os.path.join(outdir, "sweep.png"), report))
 
 
 def _save(fig, path):
+    """Write fig as a PNG and close it; returns fig (closed: pyplot lets it go, its Axes stay readable)."""
     from mini_autoguide.checkpoint import atomic_write
     import matplotlib.pyplot as plt
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
+    return fig
