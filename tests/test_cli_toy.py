@@ -22,11 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run(*args):
-    """The CLI as a user runs it: a subprocess, so tracebacks would show. torch on one thread
-    (OMP_NUM_THREADS): the toy's small matrix products on a shared 2-core CPU run several times
-    faster than with two threads competing with other processes (see conftest.py)."""
+    """The CLI as a user runs it: a subprocess, so tracebacks would show."""
     return subprocess.run([sys.executable, "-m", "mini_autoguide", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          text=True, timeout=900)
 
 
 def bad(capsys, *args):
@@ -45,6 +43,7 @@ def reproduced(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow   # a whole `toy reproduce --fast` with figures: about a minute on 2 cores
 def test_reproduce_fast_end_to_end(reproduced):
     out, r = reproduced
     report = json.loads((out / "metrics.json").read_text())
@@ -103,6 +102,7 @@ def test_reproduce_is_deterministic_per_seed_in_small(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow   # a whole `toy reproduce --fast` with figures: about a minute on 2 cores
 def test_reproduce_is_deterministic_per_seed(reproduced, tmp_path):
     """Same seed: the same bits in every metric and sample; another seed: different ones."""
     out, _ = reproduced
@@ -120,6 +120,7 @@ def test_reproduce_is_deterministic_per_seed(reproduced, tmp_path):
         assert np.array_equal(x, y) and not np.array_equal(x, z)
 
 
+@pytest.mark.slow   # a whole `toy reproduce --fast` with figures: about a minute on 2 cores
 def test_reproduce_refuses_to_overwrite(reproduced):
     out, _ = reproduced
     before = (out / "metrics.json").read_bytes()
@@ -129,6 +130,7 @@ def test_reproduce_refuses_to_overwrite(reproduced):
     assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow   # a whole `toy reproduce --fast` with figures: about a minute on 2 cores
 def test_plot_and_evaluate_from_a_run(reproduced, tmp_path, capsys, monkeypatch):
     out, _ = reproduced
     drawn, all_figures = {}, plots.all_figures   # keep the Figures that `toy plot` draws

@@ -108,7 +108,9 @@ def test_exercises_are_the_solutions_with_the_solutions_removed():
 
 
 # ---- executing them ----------------------------------------------------------------
-@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+# 06 reads the committed studies and checks words, not numbers: slow (about 25 s)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p).startswith("06")
+                                  else p for p in TUTORIALS], ids=os.path.basename)
 def test_tutorial_runs_in_fast_mode(path, fast_env):
     if path.endswith("05_images.ipynb") and not os.path.isdir(FMNIST):
         pytest.skip(f"Fashion-MNIST not found at {FMNIST} (set MINI_AUTOGUIDE_FMNIST)")
