@@ -139,7 +139,7 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
                                   img_s=(step + 1 - start_step) * batch / (time.time() - t0),
                                   seconds=time.time() - t0))
             loss_sum, loss_n = 0.0, 0
-        if rank == 0 and end:  # a stable name for the newest weights of this session
+        if rank == 0 and end:  # a stable name for the newest weights of this call
             _save_snapshots(out, ema, opts, nimg, step + 1, latest=True)
         if end:
             stop_step = step + 1
