@@ -241,9 +241,12 @@ def check_images(text):
     main_params, guide_params = (int(v.replace(",", "")) for v in _groups(
         r"fmnist-main: ([\d,]+) parameters; fmnist-guide: ([\d,]+)", text))
     assert guide_params < main_params
-    # magnitude-preserving layers: unit-variance input keeps every block's output RMS near 1
+    # magnitude-preserving layers: unit-variance input keeps every block's output RMS near 1.
+    # One random initialisation scatters the blocks around 1: over 12 initial seeds the extremes were
+    # 0.77 and 1.30 and the means 0.90 to 1.02. Dropping mp_sum's or mp_cat's rescaling sends the
+    # minimum to 0.26 or 0.04 (mp_silu's constant is checked in test_unet.py).
     low, high, mean = _floats(r"block output RMS: min ([\d.]+), max ([\d.]+), mean ([\d.]+)", text)
-    assert 0.75 < low <= mean <= high < 1.25
+    assert 0.6 < low <= mean <= high < 1.6 and 0.85 < mean < 1.15
     # the guide is trained for a quarter of the main model's steps
     main_steps, main_loss = _floats(r"main: (\d+) steps of batch \d+ in \d+s, last loss (-?[\d.]+)", text)
     guide_steps, guide_loss = _floats(r"guide: (\d+) steps of batch \d+ in \d+s, last loss (-?[\d.]+)", text)
