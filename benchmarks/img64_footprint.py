@@ -26,7 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide import presets  # noqa: E402
 from mini_autoguide import train as train_mod  # noqa: E402
 from mini_autoguide.checkpoint import write_json  # noqa: E402
-from mini_autoguide.unet import build, count_parameters  # noqa: E402
+from mini_autoguide.unet import Denoiser, count_parameters  # noqa: E402
+
+
+def on_meta(config):
+    with torch.device("meta"):   # shapes and counts without memory
+        return Denoiser(config)
 
 from machine import machine  # noqa: E402
 
@@ -36,7 +41,7 @@ EXTRA = 2
 
 def flops_per_image(preset, n=2):
     """(forward, backward) FLOPs of one image through the Denoiser, counted on the meta device."""
-    net = build(presets.net_config(preset), device="meta").train()
+    net = on_meta(presets.net_config(preset)).train()
     cfg = net.config
     with torch.device("meta"):
         x = torch.randn(n, cfg["img_channels"], cfg["resolution"], cfg["resolution"])
@@ -77,7 +82,7 @@ def measure(preset):
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     mem = json.loads(done.stdout.splitlines()[-1])
     per_image = (mem[f"batch{1 + EXTRA}_peak_mib"] - mem["batch1_peak_mib"]) / EXTRA
-    params = count_parameters(build(presets.net_config(preset), device="meta"))
+    params = count_parameters(on_meta(presets.net_config(preset)))
     ema_copies = len(presets.get(preset)["train"]["ema"])
     return dict(preset=preset, parameters=params, forward_gflop=fwd / 1e9, backward_gflop=bwd / 1e9,
                 train_gflop=(fwd + bwd) / 1e9, fixed_mib=params * (4 + 4 + 8 + 4 * ema_copies) / 2 ** 20,

@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 
 from mini_autoguide import presets  # noqa: E402
 from mini_autoguide.checkpoint import atomic_write  # noqa: E402
-from mini_autoguide.ema import sigma_rel_to_gamma, snapshots, solve_coefficients  # noqa: E402
+from mini_autoguide.ema import sigma_rel_to_gamma  # noqa: E402
+from mini_autoguide.posthoc import snapshots, solve_coefficients  # noqa: E402
 
 
 def schedule(run=None, preset="fmnist-main"):

@@ -18,9 +18,10 @@ import os
 
 from mini_autoguide import sweep
 from mini_autoguide.checkpoint import atomic_write, write_json
-from mini_autoguide.ema import posthoc_file
-from mini_autoguide.evaluate import seed_text
-from mini_autoguide.train import options, snapshot_name
+from mini_autoguide.posthoc import posthoc_file
+from mini_autoguide.seeds import seed_text
+from mini_autoguide.checkpoint import snapshot_name
+from mini_autoguide.train import options
 
 ROWS = ("no guidance", "CFG", "autoguidance")  # the table rows whose models (and w) this stage chooses
 TRACKED = dict(ema_main=0.10, ema_guide=0.05)  # the EMA lengths the table used before choosing them

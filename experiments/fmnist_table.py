@@ -42,7 +42,8 @@ from mini_autoguide import sweep  # noqa: E402
 from mini_autoguide.checkpoint import write_json, write_npz  # noqa: E402
 from mini_autoguide.classifier import ClassifierFeatures, train_classifier  # noqa: E402
 from mini_autoguide.data import load_idx_folder  # noqa: E402
-from mini_autoguide.evaluate import evaluate, reference, seed_text, to_nchw  # noqa: E402
+from mini_autoguide.evaluate import evaluate, reference, to_nchw  # noqa: E402
+from mini_autoguide.seeds import seed_text  # noqa: E402
 import fmnist_ema  # noqa: E402
 
 DATA = "/usr/share/datasets/fashion-mnist"
@@ -224,7 +225,8 @@ def train_models(data, out, cfg, progress, log, build=True):
     Every model stores both tracked EMA profiles every T / cfg["snapshots"] images, so that
     post-hoc EMA can rebuild any EMA length at T and at T/8 (the guides' training length).
     build=False: the paths alone, training and reading nothing (--final-from-record)."""
-    from mini_autoguide.train import snapshot_name, train
+    from mini_autoguide.checkpoint import snapshot_name
+    from mini_autoguide.train import train
     T = cfg["kimg"]
     plan = {  # folder: (preset, conditional, length)
         "main": (cfg["main"], True, T), "small": (cfg["small"], True, T),

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide.checkpoint import write_json  # noqa: E402
 from mini_autoguide.ema import PowerEMA  # noqa: E402
-from mini_autoguide.generate import parse_seeds  # noqa: E402
+from mini_autoguide.seeds import parse_seeds  # noqa: E402
 from toy2d.metrics import ToyMetrics  # noqa: E402
 from toy2d.reproduce import Settings, denoiser, load_toy, sample, start_points  # noqa: E402
 from toy2d.train import ToyConfig, train  # noqa: E402

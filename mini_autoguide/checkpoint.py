@@ -5,6 +5,7 @@ training state goes through torch.load(weights_only=True).
 """
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -15,6 +16,31 @@ FORMAT = "mini_autoguide"
 
 class CheckpointError(Exception):
     """A checkpoint is missing, truncated or not one of ours."""
+
+
+def refuse_existing(path, force, what="output"):
+    """Raise FileExistsError (the CLI's exit code 2) if path exists and force is not set."""
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{what} {path} exists: pass --force to overwrite")
+
+
+# ---- the EMA snapshots of a training run: network-<images>-ema<sigma_rel>.safetensors ----
+_SNAPSHOT = re.compile(r"network-(\d+|latest)-ema(\d*\.?\d+(?:e-?\d+)?)\.safetensors")
+
+
+def snapshot_name(nimg, sigma_rel):
+    """The file name of the EMA of length sigma_rel after nimg training images; nimg="latest" names
+    the newest snapshot of a training call."""
+    images = nimg if nimg == "latest" else f"{nimg:09d}"
+    return f"network-{images}-ema{sigma_rel:g}.safetensors"
+
+
+def parse_snapshot_name(name):
+    """(nimg or "latest", sigma_rel) of a snapshot_name, or None for any other file name."""
+    m = _SNAPSHOT.fullmatch(os.path.basename(name))
+    if m is None:
+        return None
+    return (m.group(1) if m.group(1) == "latest" else int(m.group(1))), float(m.group(2))
 
 
 def _umask():

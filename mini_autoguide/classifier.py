@@ -87,11 +87,9 @@ def train_classifier(train_set, test_set, out, log=print, progress=True, limit=N
             loss.backward()
             optimizer.step()
             schedule.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     net.eval()
     accuracy = float(np.mean(predict(net, test_set.images) == np.asarray(test_set.labels)))
     summary = dict(test_accuracy=accuracy, test_images=int(len(test_set.images)), train_images=int(len(images)),

@@ -38,7 +38,7 @@ def register(sub):
 
 
 def run_ema(args):
-    from .ema import reconstruct, save_reconstruction
+    from .posthoc import reconstruct, save_reconstruction
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder: give a file name")
     if os.path.exists(args.out) and not args.force:  # before the work, and again at the write

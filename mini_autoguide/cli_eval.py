@@ -130,7 +130,8 @@ def run_ref(args):
 
 def run_samples(args):
     from .checkpoint import write_json
-    from .evaluate import evaluate, seed_text, to_nchw
+    from .evaluate import evaluate, to_nchw
+    from .seeds import seed_text
     if args.json and os.path.exists(args.json) and not args.force:
         raise FileExistsError(f"{args.json} exists: pass --force to overwrite")
     sample_sets = [_read_samples(path) for path in args.samples]  # all checked before the slow part

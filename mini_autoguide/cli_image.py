@@ -131,7 +131,8 @@ def run_train(args):
 
 
 def run_sample(args):
-    from .generate import generate, load_models, parse_seeds
+    from .generate import generate, load_models
+    from .seeds import parse_seeds
     from .image_files import save_outputs
     seeds = parse_seeds(args.seeds)
     classes = parse_seeds(args.classes) if args.classes else None

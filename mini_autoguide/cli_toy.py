@@ -131,7 +131,7 @@ def run_reproduce(args):
         reproduce(args.outdir, make_settings(args.seed), progress=not args.quiet, figures=not args.no_figures)
         return
     from toy2d.seeds import reproduce_seeds, seed_dir
-    from .generate import parse_seeds
+    from .seeds import parse_seeds
     seeds = sorted(set(parse_seeds(args.seeds)))
     if not _extends(os.path.join(args.outdir, "summary.json"), seeds):
         _refuse_existing(os.path.join(args.outdir, "summary.json"), args.force, "results")

@@ -1,8 +1,11 @@
 """The EDM formulation (Karras et al. 2022, arXiv 2206.00364, Table 1).
 
-Preconditioning, the training noise distribution and the losses. Everything
-works on any data shape: x is [N, ...] and sigma is [N] (or a scalar).
+Preconditioning, the training noise distribution, the losses, and EDM2's
+learning-rate schedule. Everything works on any data shape: x is [N, ...]
+and sigma is [N] (or a scalar).
 """
+import math
+
 import torch
 
 SIGMA_DATA = 0.5
@@ -70,13 +73,10 @@ def denoising_loss(denoised, clean, sigma, logvar=None, sigma_data=SIGMA_DATA):
     return err.mean()
 
 
-def add_noise(clean, sigma, generator=None):
-    """x = y + sigma * eps. clean: [N, ...], sigma: [N]."""
-    eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-    return clean + expand(sigma, clean) * eps
-
-
-def score_from_denoiser(denoised, x, sigma):
-    """s = (D - x) / sigma^2, the identity behind D = x + sigma^2 s."""
-    return (denoised - x) / expand(sigma, x) ** 2
-
+def learning_rate(step, batch, lr_ref, lr_tref, rampup_img=0):
+    """EDM2's inverse-square-root decay alpha_ref / sqrt(max(t / t_ref, 1)), t = step in batches
+    (arXiv 2312.02696, Sec. 2.3), with a linear warm-up over the first rampup_img images."""
+    lr = lr_ref / math.sqrt(max(step / lr_tref, 1))
+    if rampup_img > 0:
+        lr *= min((step + 1) * batch / rampup_img, 1)
+    return lr

@@ -174,16 +174,4 @@ def to_nchw(images):
     return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
 
 
-def seed_text(seeds):
-    """[0, 1, 2, 5] -> "0-2,5": the seeds, compactly, recorded with every result."""
-    seeds, parts, i = [int(s) for s in seeds], [], 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-__all__ = ["Reference", "reference", "evaluate", "file_digest", "seed_text", "to_nchw", "K"]
+__all__ = ["Reference", "reference", "evaluate", "file_digest", "to_nchw", "K"]

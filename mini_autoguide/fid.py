@@ -122,10 +122,8 @@ def _chunks(n, batch, progress, desc):
     bar = progress_bar(-(-n // batch), desc, "batch", enabled=progress)
     for start in range(0, n, batch):
         yield start
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
 
 
 __all__ = ["Inception", "InceptionMissing", "find_inception", "resize_bilinear_legacy", "to_nchw_uint8"]

@@ -13,21 +13,6 @@ from .sampler import SeededNoise, heun_sample, randn_from_seeds, sigma_steps
 from .unet import load_denoiser
 
 
-def parse_seeds(text):
-    """"0-63" -> [0..63]; "1,5,10-12" -> [1, 5, 10, 11, 12]."""
-    seeds = []
-    for part in str(text).split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            lo, hi = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise ValueError(f"bad seed range {part.strip()!r}: use forms like 0-63 or 1,5,10-12") from None
-        if lo < 0 or hi < lo:
-            raise ValueError(f"bad seed range {part.strip()!r}: need 0 <= first <= last")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
-
-
 def check_compatible(main_cfg, guide_cfg, method):
     """Refuse a guide that does not produce the same kind of image as the main model."""
     for key, what in (("resolution", "resolution"), ("img_channels", "channels"), ("num_classes", "classes")):

@@ -8,12 +8,28 @@ model (CFG). Because D = x + sigma^2 s is affine in the score, this is also
 s_w = s_guide + w (s_main - s_guide). w = 1 gives the main model back.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
 from .edm import expand
 
-METHODS = ("none", "cfg", "autoguidance", "truncation")
+
+class Method(NamedTuple):
+    """What every figure, table and command knows of a method."""
+    label: str            # its name in figures and tables
+    style: tuple          # colour, marker, line style: each method differs in all three (grey-scale safe)
+    toy_weight: float     # the default w on the toy: the paper's Fig. 1 (arXiv 2406.02507, Sec. 3)
+    image_weight: float   # the default w for images: inside the published 1.15-2.2 (ImageNet, Table 1)
+
+
+# The one list of methods. For truncation, w is the factor on the score.
+METHODS = {
+    "none": Method("no guidance", ("#1f77b4", "s", "--"), 1.0, 1.0),
+    "cfg": Method("CFG", ("#2ca02c", "v", ":"), 4.0, 2.0),
+    "autoguidance": Method("autoguidance", ("#d62728", "^", "-"), 3.0, 2.0),
+    "truncation": Method("truncation", ("#9467bd", "D", "-."), 1.4, 1.4),
+}
 
 
 def check_method(method):

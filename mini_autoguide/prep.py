@@ -87,10 +87,8 @@ def prepare(src, out, resolution=64, workers=None, force=False, progress=True):
         for error in pool.imap_unordered(_convert, jobs, chunksize=64):
             if error:
                 raise DataError(error)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
 
     labels = dict(classes=classes, resolution=resolution, labels=[[f, lb] for f, (_, lb) in zip(files, items)])
     if not to_zip:

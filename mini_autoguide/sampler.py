@@ -80,10 +80,8 @@ def heun_sample(denoise, x, sigmas, churn=0.0, churn_min=0.0, churn_max=math.inf
         x = x_next
         if record:
             trajectory.append(x)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return (x, torch.stack(trajectory)) if record else x
 
 

@@ -24,7 +24,8 @@ import shutil
 import time
 
 from .checkpoint import atomic_write, write_json
-from .evaluate import evaluate, file_digest, seed_text, to_nchw
+from .evaluate import evaluate, file_digest, to_nchw
+from .seeds import seed_text
 from .progress import progress_bar
 
 POINTS = "points.json"

@@ -21,7 +21,8 @@ import torch
 
 from . import data as data_mod
 from . import edm, presets
-from .checkpoint import load_state, save_model, save_state, write_json
+from .edm import learning_rate
+from .checkpoint import load_state, save_model, save_state, snapshot_name, write_json
 from .ema import PowerEMA
 from .mp import normalize_weights_
 from .presets import options
@@ -35,18 +36,6 @@ _RUN_DEFINING = ("preset", "batch", "seed", "ema", "net", "label_dropout", "xfli
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the run stops, its last checkpoint intact."""
-
-
-def learning_rate(step, batch, lr_ref, lr_tref, rampup_img):
-    """EDM2: alpha_ref / sqrt(max(t / t_ref, 1)) (t in batches), linear warm-up over rampup_img images."""
-    lr = lr_ref / math.sqrt(max(step / lr_tref, 1))
-    if rampup_img > 0:
-        lr *= min((step + 1) * batch / rampup_img, 1)
-    return lr
-
-
-def snapshot_name(nimg, sigma_rel):
-    return f"network-{nimg:09d}-ema{sigma_rel:g}.safetensors"
 
 
 def _setup_distributed(device):
@@ -121,14 +110,13 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
         loss = train_step(net, model, ema, optimizer, scaler, opts, step, y, labels.to(device), rank * local)
         last_loss = _mean_over_ranks(loss, world)
         if not math.isfinite(last_loss):
-            bar and bar.close()
+            bar.close()
             raise TrainingDiverged(f"loss became {last_loss} at step {step} ({step * batch:,} images); stopped "
                                    f"without saving: the last good checkpoint in {out} is intact")
         loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
         nimg, prev = (step + 1) * batch, step * batch
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{(step + 1 - start_step) * batch / (time.time() - t0):.0f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{(step + 1 - start_step) * batch / (time.time() - t0):.0f}")
         out_of_time = opts.max_minutes is not None and _agree(time.time() - t0 > 60 * opts.max_minutes, world)
         end = step + 1 == stop_step or out_of_time
         if rank == 0 and (nimg // snap_img > prev // snap_img or step + 1 == total_steps):
@@ -144,8 +132,7 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
         if end:
             stop_step = step + 1
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     if world > 1:
         torch.distributed.barrier()
     seconds = time.time() - t0
@@ -293,7 +280,7 @@ def _save_checkpoint(out, net, ema, optimizer, scaler, opts, step):
 
 def _save_snapshots(out, ema, opts, nimg, step, latest=False):
     for sigma_rel, ema_net in zip(ema.sigma_rels, ema.nets):
-        name = f"network-latest-ema{sigma_rel:g}.safetensors" if latest else snapshot_name(nimg, sigma_rel)
+        name = snapshot_name("latest" if latest else nimg, sigma_rel)
         save_model(os.path.join(out, name), ema_net, KIND,
                    dict(net=opts.net, preset=opts.preset),
                    dict(nimg=nimg, step=step, sigma_rel=sigma_rel, label_dropout=opts.label_dropout))

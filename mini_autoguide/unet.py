@@ -202,13 +202,7 @@ def count_parameters(net):
     return sum(p.numel() for p in net.parameters())
 
 
-def build(config, device=None):
-    """A Denoiser from a config dict; device="meta" builds it without memory (for counting)."""
-    with torch.device(device or "cpu"):
-        return Denoiser(config)
-
-
-__all__ = ["Block", "UNet", "Denoiser", "build", "count_parameters", "resample"]
+__all__ = ["Block", "UNet", "Denoiser", "count_parameters", "resample"]
 
 
 # ---- storage: safetensors weights with the network's config in the JSON header ----

@@ -43,3 +43,9 @@ def assert_close_up_to_reordering(a, b, ulps=REORDERED_F32_ULPS):
     scale = b.abs().max()
     err = (a - b).abs().max()
     assert err <= ulps * torch.finfo(torch.float32).eps * scale, f"max diff {err:.3g} at scale {scale:.3g}"
+
+
+def on_meta(config):
+    """A Denoiser built on the meta device: shapes and parameter counts without memory."""
+    with torch.device("meta"):
+        return Denoiser(config)

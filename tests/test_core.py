@@ -38,7 +38,7 @@ def test_loss_weight_gives_unit_loss_for_the_trivial_denoiser():
     y = 0.5 * torch.randn(400_000, 1, generator=gen, dtype=torch.float64)
     for s in (0.01, 0.5, 20.0):
         sigma = torch.full((len(y),), s, dtype=torch.float64)
-        x = edm.add_noise(y, sigma, generator=gen)
+        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen, dtype=y.dtype)
         c_skip = edm.precondition(sigma)[0]
         loss = edm.denoising_loss(c_skip[:, None] * x, y, sigma)
         assert abs(loss.item() - 1) < 0.01
@@ -352,14 +352,14 @@ def test_make_at_weight_one_returns_the_main_model_itself():
 def test_learning_rate_schedule_by_hand(step, expected):
     """EDM2's alpha_ref / sqrt(max(t / t_ref, 1)) with a linear warm-up (arXiv 2312.02696, Sec. 2
     and App. B): batch 8, t_ref = 100 batches, warm-up over 80 images (10 steps)."""
-    from mini_autoguide.train import learning_rate
+    from mini_autoguide.edm import learning_rate
     assert learning_rate(step, 8, 0.01, 100, 80) == pytest.approx(expected, rel=1e-12)
 
 
 def test_learning_rate_warm_up_and_decay_together():
     """At step 400 (t / t_ref = 4: factor 1/2) of a warm-up over 8020 images with batch 10,
     (400 + 1) * 10 / 8020 = 1/2: lr = 0.01 / 2 * 1/2. Without warm-up (0 images) only the decay."""
-    from mini_autoguide.train import learning_rate
+    from mini_autoguide.edm import learning_rate
     assert learning_rate(400, 10, 0.01, 100, 8020) == pytest.approx(0.0025, rel=1e-12)
     assert learning_rate(0, 10, 0.01, 100, 0) == 0.01
     assert learning_rate(400, 10, 0.01, 100, 0) == pytest.approx(0.005, rel=1e-12)

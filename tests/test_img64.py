@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mini_autoguide import presets
-from mini_autoguide.unet import build
+
+from image_helpers import on_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def expected_shapes(channels, n):
 @pytest.mark.parametrize("preset,channels", [("img64-xs", 128), ("img64-s", 192)])
 def test_img64_forward_and_backward_shapes_on_the_meta_device(preset, channels):
     n = 2
-    net = build(presets.net_config(preset), device="meta").train()
+    net = on_meta(presets.net_config(preset)).train()
     shapes = {}
     for name, module in net.unet.named_modules():
         if name.startswith(("enc.", "dec.")) and name.count(".") == 1 or name == "out_conv":

@@ -11,9 +11,10 @@ from scipy.integrate import quad
 
 from mini_autoguide import cli, generate
 from mini_autoguide import train as train_mod
-from mini_autoguide.checkpoint import read_model, save_model
-from mini_autoguide.ema import (PowerEMA, posthoc_file, profile_inner, reconstruct, save_reconstruction,
-                                sigma_rel_to_gamma, snapshots, solve_coefficients)
+from mini_autoguide.checkpoint import read_model, save_model, snapshot_name
+from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
+from mini_autoguide.posthoc import (posthoc_file, profile_inner, reconstruct, save_reconstruction, snapshots,
+                                    solve_coefficients)
 from mini_autoguide.unet import Denoiser
 
 from image_helpers import tiny_dataset, tiny_net
@@ -81,7 +82,7 @@ def synthetic(tmp_path_factory):
         exact.update(net, k)
         if k % EVERY == 0:
             for s, e in zip(TRACKED, tracked.nets):
-                save_model(run / train_mod.snapshot_name(k * BATCH, s), e, train_mod.KIND, CONFIG,
+                save_model(run / snapshot_name(k * BATCH, s), e, train_mod.KIND, CONFIG,
                            dict(nimg=k * BATCH, step=k, sigma_rel=s, label_dropout=0.0))
         if k in CHECKS:
             exact_at[k] = {s: e.weight.data[0].clone() for s, e in zip(TARGETS, exact.nets)}
@@ -135,7 +136,7 @@ def test_reconstruction_matches_the_exact_power_ema(synthetic, step):
         if step % EVERY == 0:
             # the tolerance is tight enough to tell the target from the nearest tracked profile at that time
             nearest = min(TRACKED, key=lambda s: abs(s - sigma_rel))
-            tracked = read_model(run / train_mod.snapshot_name(step * BATCH, nearest))[0]["weight"][0]
+            tracked = read_model(run / snapshot_name(step * BATCH, nearest))[0]["weight"][0]
             assert ((tracked - exact).abs() > bound).any(), (sigma_rel, tracked - exact, bound)
 
 
@@ -162,7 +163,7 @@ def assert_gives_back(run, state, info, name, cast):
 def test_a_tracked_profile_at_a_stored_time_comes_back(synthetic):
     for sigma_rel, step in ((0.05, 1200), (0.10, 600), (0.05, 200)):
         state, info = reconstruct(synthetic[0], sigma_rel, at_kimg=step * BATCH / 1000)
-        assert_gives_back(synthetic[0], state, info, train_mod.snapshot_name(step * BATCH, sigma_rel), cast=False)
+        assert_gives_back(synthetic[0], state, info, snapshot_name(step * BATCH, sigma_rel), cast=False)
 
 
 def test_coefficients_sum_to_one():
@@ -177,7 +178,7 @@ def test_snapshot_scan_skips_duplicates_and_reconstructions(synthetic, tmp_path)
     run = tmp_path / "run"
     shutil.copytree(synthetic[0], run)
     before = snapshots(run)
-    last = train_mod.snapshot_name(STEPS * BATCH, 0.05)
+    last = snapshot_name(STEPS * BATCH, 0.05)
     shutil.copy(run / last, run / "network-latest-ema0.05.safetensors")  # a duplicate of the newest
     state, info = reconstruct(run, 0.07)
     save_reconstruction(run / "network-000004800-ema0.07.safetensors", state, info)
@@ -202,12 +203,12 @@ def test_tiny_run_reconstruction_loads_and_samples(tiny_run, tmp_path):
     assert len(info["posthoc"]["snapshots"]) == 10 and info["nimg"] == 480
     path = tmp_path / "ema0.07.safetensors"
     save_reconstruction(path, state, info)
-    snapshot = tiny_run / train_mod.snapshot_name(480, 0.05)
+    snapshot = tiny_run / snapshot_name(480, 0.05)
     loaded, config, extra = read_model(path, train_mod.KIND)
     assert config == read_model(snapshot)[1] and extra["posthoc"]["coefficients"] == info["posthoc"]["coefficients"]
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert not torch.equal(loaded["unet.out_gain"], read_model(snapshot)[0]["unet.out_gain"])  # a new average
-    guide_path = tiny_run / train_mod.snapshot_name(96, 0.05)
+    guide_path = tiny_run / snapshot_name(96, 0.05)
     main, guide = generate.load_models(str(path), str(guide_path), "autoguidance")
     images, labels, raw = generate.generate(main, guide, "autoguidance", 2.0, seeds=range(3), steps=3)
     # the samples are those of the reconstructed weights, guided by that snapshot: the same bits
@@ -222,12 +223,12 @@ def test_tiny_run_reconstruction_loads_and_samples(tiny_run, tmp_path):
 def test_tiny_run_tracked_profile_comes_back(tiny_run):
     for sigma_rel, nimg in ((0.10, 288), (0.05, 480)):
         state, info = reconstruct(tiny_run, sigma_rel, at_kimg=nimg / 1000)
-        assert_gives_back(tiny_run, state, info, train_mod.snapshot_name(nimg, sigma_rel), cast=True)
+        assert_gives_back(tiny_run, state, info, snapshot_name(nimg, sigma_rel), cast=True)
 
 
 def test_posthoc_file_reuses_stored_snapshots_and_saved_reconstructions(tiny_run, tmp_path):
     # A tracked profile at a snapshot's time is the run's own file: nothing is written.
-    assert posthoc_file(tiny_run, 0.10, 0.288, tmp_path) == str(tiny_run / train_mod.snapshot_name(288, 0.10))
+    assert posthoc_file(tiny_run, 0.10, 0.288, tmp_path) == str(tiny_run / snapshot_name(288, 0.10))
     assert not os.listdir(tmp_path)
     path = posthoc_file(tiny_run, 0.07, 0.288, tmp_path)
     assert path == str(tmp_path / "network-000000288-ema0.07.safetensors")
@@ -243,7 +244,7 @@ def test_posthoc_file_reuses_stored_snapshots_and_saved_reconstructions(tiny_run
             shutil.copy(tiny_run / name, stale / name)
     path = posthoc_file(stale, 0.07, 0.192, tmp_path)
     assert len(read_model(path, train_mod.KIND)[2]["posthoc"]["snapshots"]) == 4
-    os.remove(stale / train_mod.snapshot_name(96, 0.10))
+    os.remove(stale / snapshot_name(96, 0.10))
     assert posthoc_file(stale, 0.07, 0.192, tmp_path) == path
     assert len(read_model(path, train_mod.KIND)[2]["posthoc"]["snapshots"]) == 3
 
@@ -272,7 +273,7 @@ def mixed_run(tiny_run, tmp_path):
     run = tmp_path / "mixed"
     shutil.copytree(tiny_run, run)
     wide = tiny_net(channels=16)
-    save_model(run / train_mod.snapshot_name(96, 0.2), wide, train_mod.KIND, dict(net=wide.config, preset="tiny"),
+    save_model(run / snapshot_name(96, 0.2), wide, train_mod.KIND, dict(net=wide.config, preset="tiny"),
                dict(nimg=96, step=12, sigma_rel=0.2, label_dropout=0.0))
     return run
 
@@ -281,7 +282,7 @@ def pickled_run(tiny_run, tmp_path):
     """A folder whose only snapshot-named file is a pickle."""
     run = tmp_path / "pickled"
     run.mkdir()
-    torch.save({"net": 1}, run / train_mod.snapshot_name(96, 0.05))
+    torch.save({"net": 1}, run / snapshot_name(96, 0.05))
     return run
 
 

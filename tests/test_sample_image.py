@@ -9,6 +9,7 @@ import torch
 from mini_autoguide import cli, generate as gen
 from mini_autoguide.checkpoint import save_model
 from mini_autoguide.sampler import randn_from_seeds
+from mini_autoguide.seeds import parse_seeds, seed_text
 from mini_autoguide.unet import KIND
 
 from image_helpers import assert_close_up_to_reordering, tiny_net
@@ -16,11 +17,12 @@ from image_helpers import assert_close_up_to_reordering, tiny_net
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def test_parse_seeds():
-    assert gen.parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
+def test_parse_seeds_and_seed_text_are_inverse():
+    assert parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
+    assert seed_text([0, 1, 2, 3, 7, 10, 11]) == "0-3,7,10-11" and seed_text([5]) == "5"
     for bad in ("3-1", "a", "1-x", "-2"):
         with pytest.raises(ValueError, match="seed range"):
-            gen.parse_seeds(bad)
+            parse_seeds(bad)
 
 
 def assert_uint8_of(images, x):

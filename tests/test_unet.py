@@ -8,9 +8,9 @@ import torch
 
 from mini_autoguide import presets
 from mini_autoguide.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize_weights_
-from mini_autoguide.unet import Block, build, count_parameters
+from mini_autoguide.unet import Block, count_parameters
 
-from image_helpers import assert_close_up_to_reordering, tiny_net
+from image_helpers import assert_close_up_to_reordering, on_meta, tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # small convolutions: one thread is faster on a busy CPU
 
@@ -19,13 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # small convolutions: one t
 def test_img64_parameter_counts_match_the_reference(name, expected):
     # Built on the meta device: no memory, no compute. The counts are those of EDM2's XS and S networks
     # (arXiv 2312.02696) as built by the original implementation; we match them exactly.
-    n = count_parameters(build(presets.net_config(name), device="meta"))
+    n = count_parameters(on_meta(presets.net_config(name)))
     assert n == expected
 
 
 def test_small_presets_are_small():
-    main = count_parameters(build(presets.net_config("fmnist-main"), device="meta"))
-    guide = count_parameters(build(presets.net_config("fmnist-guide"), device="meta"))
+    main = count_parameters(on_meta(presets.net_config("fmnist-main")))
+    guide = count_parameters(on_meta(presets.net_config("fmnist-guide")))
     assert 1_000_000 < main < 5_000_000 and guide < main / 3
 
 

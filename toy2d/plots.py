@@ -9,13 +9,12 @@ import os
 import numpy as np
 import torch
 
+from mini_autoguide.guidance import METHODS
+
 from .fractal import gmm as make_gmm
 
-STYLE = {  # colour, marker, line style per method
-    "truth": ("#444444", "o", "-"), "none": ("#1f77b4", "s", "--"),
-    "autoguidance": ("#d62728", "^", "-"), "cfg": ("#2ca02c", "v", ":"), "truncation": ("#9467bd", "D", "-.")}
-LABEL = {"truth": "true samples", "none": "no guidance", "autoguidance": "autoguidance",
-         "cfg": "CFG", "truncation": "truncation"}
+STYLE = {"truth": ("#444444", "o", "-"), **{m: v.style for m, v in METHODS.items()}}  # colour, marker, line
+LABEL = {"truth": "true samples", **{m: v.label for m, v in METHODS.items()}}
 EXTENT = (-0.55, 1.25, -0.45, 1.35)  # where class A lives (x0 min, max, x1 min, max)
 
 

@@ -23,7 +23,7 @@ from .metrics import ToyMetrics
 from .model import ToyMLP
 from .train import ToyConfig, model_config, train
 
-METHODS = guidance.METHODS   # the one list of methods: every method is sampled
+METHODS = tuple(guidance.METHODS)   # the one list of methods: every method is sampled
 MODEL_KIND = "toy2d-mlp"
 
 
@@ -38,7 +38,7 @@ class Settings:
     sigma_min: float = 0.002
     sigma_max: float = 5.0
     rho: float = 7.0
-    weights: dict = field(default_factory=lambda: dict(none=1.0, cfg=4.0, autoguidance=3.0, truncation=1.40))
+    weights: dict = field(default_factory=lambda: {m: v.toy_weight for m, v in guidance.METHODS.items()})
     sweep: dict = field(default_factory=lambda: dict(
         autoguidance=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
         cfg=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],

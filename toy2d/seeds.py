@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from mini_autoguide.checkpoint import write_json
-from mini_autoguide.evaluate import seed_text
+from mini_autoguide.seeds import seed_text
 
 from .reproduce import METHODS, reproduce
 

@@ -5,12 +5,11 @@ class, noised, with the exact score of the noised density as the target.
 Denoising score matching (EDM weighting) is the alternative that only needs
 samples, as for images.
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from mini_autoguide.edm import denoising_loss, exact_score_loss, sample_sigma
+from mini_autoguide.edm import denoising_loss, exact_score_loss, learning_rate, sample_sigma
 from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
 from mini_autoguide.mp import normalize_weights_
 from mini_autoguide.progress import progress_bar
@@ -52,10 +51,6 @@ class ToyConfig:
         return self
 
 
-def learning_rate(config, t):
-    return config.lr / math.sqrt(max(t / config.lr_ref_iter, 1))
-
-
 def train(config, progress=False, callback=None):
     """Train one toy model; return its EMA copy (eval mode) and the loss history.
 
@@ -87,7 +82,7 @@ def train(config, progress=False, callback=None):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at iteration {t}")
         for group in opt.param_groups:
-            group["lr"] = learning_rate(config, t)
+            group["lr"] = learning_rate(t, 1, config.lr, config.lr_ref_iter)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,12 +91,10 @@ def train(config, progress=False, callback=None):
             callback(t, net)
         normalize_weights_(net)
         losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            if t % 64 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        if t % 64 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
+    bar.close()
     return ema.nets[0].eval(), losses
 
 
