@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from .cli import UsageError
+from .cli_args import UsageError
 
 HELP = "post-hoc EMA: rebuild a model of any EMA length from a run's snapshots"
 

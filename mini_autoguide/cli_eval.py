@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .cli import DefaultsHelp, UsageError
+from .cli_args import DefaultsHelp, UsageError
 
 HELP = "image metrics: FID (Inception-v3), classifier FD, precision/recall, class consistency"
 

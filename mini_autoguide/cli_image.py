@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import presets
-from .cli import DefaultsHelp, UsageError
+from .cli_args import DefaultsHelp, UsageError, add_guidance_options, guidance_weight
 
 
 def register(sub):
@@ -47,7 +47,7 @@ def register(sub):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this call, with a checkpoint; the next call resumes")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes of this call, with a checkpoint; the next call resumes")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="start over in an existing --out folder")
     p.set_defaults(run=run_train)
 
@@ -56,11 +56,8 @@ def register(sub):
                                    "its class is classes[seed % len(classes)], so methods compare on identical "
                                    "noise. Writes OUT/<seed>.png, grid.png, samples.npz and info.json.")
     p.add_argument("main", help="main model snapshot (.safetensors from train)")
-    p.add_argument("--guide", help="guide snapshot: a smaller/shorter-trained model (autoguidance) or an "
-                                   "unconditional one (cfg; default: the main model with no label)")
-    p.add_argument("--method", default="none", choices=["none", "cfg", "autoguidance"], help="guidance method")
-    p.add_argument("--weight", type=float, default=2.0, help="guidance weight w (1 = no guidance)")
-    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for LO <= sigma <= HI")
+    add_guidance_options(p, "image", "guide snapshot: a smaller/shorter-trained model (autoguidance) or an "
+                         "unconditional one (cfg; default: the main model with no label)", method="none")
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12")
     p.add_argument("--classes", help="classes to cycle through, e.g. 3 or 0-9 (default: all)")
     p.add_argument("--steps", type=int, default=32, help="Heun steps (2 * steps - 1 evaluations)")
@@ -74,6 +71,7 @@ def register(sub):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_sample)
 
     p = sub.add_parser("prep", formatter_class=fmt, help="class-folder tree -> 64x64 PNGs + labels.json",
@@ -112,8 +110,7 @@ def run_train(args):
     from .train import TrainingDiverged, train
     opts = {k: getattr(args, k) for k in ("kimg", "batch", "lr_ref", "lr_tref", "rampup_kimg", "ema", "snapshot_kimg",
                                           "checkpoint_kimg", "label_dropout", "xflip", "precision", "channels_last",
-                                          "compile", "workers", "seed", "device", "max_steps", "max_minutes",
-                                          "progress")}
+                                          "compile", "workers", "seed", "device", "max_steps", "max_minutes")}
     for flag, key in (("--kimg", "kimg"), ("--batch", "batch"), ("--lr", "lr_ref"),
                       ("--snapshot-kimg", "snapshot_kimg"), ("--checkpoint-kimg", "checkpoint_kimg")):
         if opts[key] is not None and not opts[key] > 0:  # NaN too
@@ -121,7 +118,7 @@ def run_train(args):
     if opts["label_dropout"] is not None and not 0 <= opts["label_dropout"] < 1:
         raise UsageError(f"--label-dropout must be in [0, 1), got {opts['label_dropout']}")
     try:
-        summary = train(args.data, args.out, args.preset, force=args.force, cond=not args.uncond,
+        summary = train(args.data, args.out, args.preset, force=args.force, cond=not args.uncond, progress=not args.quiet,
                         log=lambda m: print(m, file=sys.stderr), **opts)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,11 +139,12 @@ def run_sample(args):
         raise FileExistsError(f"{args.out} already holds samples: pass --force to overwrite")
     main, guide = load_models(args.main, args.guide, args.method, args.device)
     t0 = time.time()
-    images, labels, _ = generate(main, guide, args.method, args.weight, args.interval, seeds, classes, args.steps,
+    weight = guidance_weight(args, "image")
+    images, labels, _ = generate(main, guide, args.method, weight, args.interval, seeds, classes, args.steps,
                                  args.sigma_min, args.sigma_max, batch=args.batch, bf16=args.bf16,
-                                 device=args.device, progress=True, compile=args.compile)
+                                 device=args.device, progress=not args.quiet, compile=args.compile)
     seconds = time.time() - t0
-    info = dict(main=args.main, guide=args.guide, method=args.method, weight=args.weight, interval=args.interval,
+    info = dict(main=args.main, guide=args.guide, method=args.method, weight=weight, interval=args.interval,
                 seeds=args.seeds, classes=args.classes, steps=args.steps, bf16=args.bf16, seconds=seconds,
                 img_per_s=len(seeds) / seconds)
     columns = args.columns or (len(classes) if classes else main.num_classes) or None

@@ -3,7 +3,7 @@ import json
 import os
 from dataclasses import replace
 
-from .cli import UsageError
+from .cli_args import UsageError
 
 HELP = "the 2D fractal toy: exact scores, training, sampling, metrics, figures"
 METHOD_HELP = "none | cfg | autoguidance | truncation"

@@ -18,13 +18,13 @@ declare -A T
 t=$(now)
 # Main: 1.7 M parameters; label dropout 0.1 so it is also its own unconditional model for CFG.
 $PY -m mini_autoguide train "$DATA" --preset fmnist-main --out "$RUN/main" --label-dropout 0.1 \
-    --max-minutes "$MAIN_MINUTES" --no-progress
+    --max-minutes "$MAIN_MINUTES" --quiet
 T[main]=$(echo "$(now) - $t" | bc)
 
 t=$(now)
 # Guide: the paper's recipe at small scale: a smaller model (0.4 M) trained for a fraction of the images.
 $PY -m mini_autoguide train "$DATA" --preset fmnist-guide --out "$RUN/guide" \
-    --max-minutes "$GUIDE_MINUTES" --no-progress
+    --max-minutes "$GUIDE_MINUTES" --quiet
 T[guide]=$(echo "$(now) - $t" | bc)
 
 MAIN=$RUN/main/network-latest-ema0.05.safetensors

@@ -240,7 +240,7 @@ def test_cli_train_refuses_a_foreign_folder_without_force(tmp_path, capsys):
     os.makedirs(out)
     (out / "precious.txt").write_text("keep me")
     args = ["train", str(ds_dir), "--out", str(out), "--preset", "tiny", "--kimg", "0.008", "--batch", "8",
-            "--precision", "fp32", "--no-progress"]
+            "--precision", "fp32", "--quiet"]
     code, err = run_cli(args, capsys)
     assert code == 2 and "--force" in err and (out / "precious.txt").read_text() == "keep me"
     code, err = run_cli(args + ["--force"], capsys)

@@ -98,7 +98,7 @@ def test_resumed_training_refuses_a_pickled_state(tmp_path, capsys, fmt):
     plant(run / "state.pt", marker, fmt)
     before = (run / "state.pt").read_bytes()
     err = refused(capsys, ["train", data, "--out", run, "--preset", "tiny", "--kimg", "0.008", "--batch", "8",
-                           "--precision", "fp32", "--no-progress"])
+                           "--precision", "fp32", "--quiet"])
     assert "state.pt" in err
     assert not marker.exists()
     assert (run / "state.pt").read_bytes() == before and sorted(os.listdir(run)) == ["state.pt"]

@@ -1,0 +1,46 @@
+"""What every command of the CLI shares: one-line errors, --help that shows defaults, and the
+options that the toy and the images spell alike (--guide, --method, --weight, --interval)."""
+import argparse
+
+from .guidance import METHODS
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr like every other error of the CLI
+    (argparse prints the whole usage block first); --help stays complete. Subcommand parsers
+    inherit the class (add_subparsers uses the parent's)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows an option's default where it says something: not for options without one
+    (None), not for on/off flags (False), and not where the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_guidance_options(p, domain, guide_help, method="autoguidance"):
+    """--guide, --method, --weight and --interval; domain "toy" or "image" picks the default w."""
+    defaults = ", ".join(f"{m} {getattr(v, domain + '_weight'):g}" for m, v in METHODS.items() if m != "none")
+    why = ("the paper's toy figure, arXiv 2406.02507 Fig. 1" if domain == "toy" else
+           "inside the 1.15-2.2 that the paper's ImageNet models use")
+    p.add_argument("--guide", help=guide_help)
+    p.add_argument("--method", default=method, choices=list(METHODS), help=f"guidance method (default {method})")
+    p.add_argument("--weight", type=float, help=f"guidance weight w (1 = the main model alone), or truncation's "
+                   f"factor on the score (default by method: {defaults}; {why})")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for LO <= sigma <= HI (default: always)")
+
+
+def guidance_weight(args, domain):
+    """--weight, or the method's default w for the domain."""
+    return args.weight if args.weight is not None else getattr(METHODS[args.method], domain + "_weight")
