@@ -2,7 +2,6 @@
 
     python benchmarks/bench_image.py [--presets fmnist-main fmnist-guide] [--steps 8] [--repeats 3]
     python benchmarks/bench_image.py --conv-profile     # convolution GFLOP and GFLOPS: the fp32 ceiling
-    python benchmarks/bench_image.py --inception        # FID's Inception-v3: images/s, NCHW vs channels-last input
     python benchmarks/bench_image.py --compile --presets tiny   # adds fp32 + channels-last, compiled
 
 Every configuration runs in this one process, interleaved round by round (so a
@@ -11,11 +10,10 @@ ratio to the straightforward baseline: the same network in fp32, NCHW layout,
 no autocast. fmnist-main is the reference configuration (C = 32,
 mult [1, 2, 2], 2 blocks a level, attention at 8x8, 1 channel, 10 classes,
 batch 64, 1.69 M parameters; the reference implementation trains ~65 img/s on
-2 cores). On a GPU it also measures img64-xs and img64-s (bf16, compiled).
---compile adds a compiled mode to the CPU modes (not by default: inductor
+2 cores). --compile adds a compiled mode to the CPU modes (not by default: inductor
 compiles C++ for minutes on 2 cores, per preset, for training and sampling).
-Results: benchmarks/results/image_cpu.json (or image_gpu_modes.json) and a table.
-benchmarks/gpu_check.sh is the fuller GPU check (fp16, eager and compiled, loss health, agreement).
+Results: benchmarks/results/image_cpu.json and a table. On a GPU, benchmarks/gpu_check.sh
+measures the img64 presets (bf16 and fp16, eager and compiled, loss health, agreement).
 """
 import argparse
 import json
@@ -25,6 +23,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide import presets  # noqa: E402
@@ -100,8 +99,8 @@ def eval_steps(state, dtype, steps):
     return _timed(step, steps, x.device)
 
 
-def bench(preset_names, modes, device, batch, steps, repeats, heun_steps, compile_=False):
-    states = {(p, m): make(p, device, modes[m][1], batch, compile_ or modes[m][2:] == (True,))
+def bench(preset_names, modes, device, batch, steps, repeats, heun_steps):
+    states = {(p, m): make(p, device, modes[m][1], batch, modes[m][2:] == (True,))
               for p in preset_names for m in modes}
     train_t = {k: [] for k in states}
     eval_t = {k: [] for k in states}
@@ -142,7 +141,6 @@ def conv_profile(preset, batch, repeats=10):
     Explains the CPU ceiling: training costs about 3x the forward's FLOPs, so
     (3 x GFLOP) / (GFLOPS) bounds the batches per second of any fp32 implementation.
     """
-    import torch.nn.functional as F
     net = make(preset, torch.device("cpu"), False, batch)[0].eval()
     shapes, conv2d = {}, F.conv2d
 
@@ -181,26 +179,6 @@ def conv_profile(preset, batch, repeats=10):
           f"{batch / (3 * min(seconds.values())):.0f} img/s here")
 
 
-def inception_rate(images=100, repeats=3):
-    """Images/s of the FID feature network (32x32 grey inputs, resized to 299), NCHW vs NHWC input."""
-    import numpy as np
-    from mini_autoguide.fid import Inception
-    inception = Inception()
-    x = np.random.default_rng(0).integers(0, 256, (images, 1, 32, 32), dtype=np.uint8)
-    inception(x[:10])  # warm-up
-    with torch.inference_mode():
-        for layout in (torch.contiguous_format, torch.channels_last):
-            batch = inception.preprocess(x[:50]).contiguous(memory_format=layout)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                inception.net(batch)
-                times.append(time.perf_counter() - t)
-            name = "channels-last" if layout == torch.channels_last else "NCHW"
-            print(f"inception, batch 50, {name} input: {50 / statistics.median(times):.1f} img/s "
-                  f"({torch.get_num_threads()} threads)")
-
-
 def table(rows, guided, heun_steps):
     lines = [f"| preset | params | mode | train img/s | x baseline | sample img/s ({heun_steps} Heun steps) | x baseline |",
              "|---|---|---|---|---|---|---|"]
@@ -222,18 +200,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--conv-profile", action="store_true",
                     help="only print each preset's convolution FLOPs and GFLOPS per layer shape (the fp32 ceiling)")
-    ap.add_argument("--inception", action="store_true", help="only measure the FID Inception network's images/s")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd mode on the CPU")
     args = ap.parse_args()
-    if args.inception:
-        inception_rate()
-        return
     if args.conv_profile:
         for p in args.presets:
             conv_profile(p, args.batch)
         return
 
-    rows, guided = bench(args.presets, {**MODES, **COMPILED} if args.compile else MODES, "cpu", args.batch, args.steps, args.repeats, args.heun_steps)
+    modes = {**MODES, **COMPILED} if args.compile else MODES
+    rows, guided = bench(args.presets, modes, torch.device("cpu"), args.batch, args.steps, args.repeats, args.heun_steps)
     result = dict(device="cpu", threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   machine=machine(), torch=torch.__version__,
                   load_average_at_end=os.getloadavg(), rows=rows, autoguided_sample_img_s=guided,
@@ -243,19 +218,6 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "image_cpu.json"), "w") as f:
         json.dump(result, f, indent=2)
-
-    if torch.cuda.is_available():
-        gpu_modes = {"bf16 + channels-last, compiled": (torch.bfloat16, True)}
-        rows, guided = bench(["img64-s", "img64-xs"], gpu_modes, "cuda", 256, args.steps, args.repeats,
-                             args.heun_steps, compile_=True)
-        for r in rows:
-            r["train_speedup"] = r["sample_speedup"] = float("nan")
-        print(table(rows, guided, args.heun_steps))
-        with open(os.path.join(args.out, "image_gpu_modes.json"), "w") as f:   # image_gpu.json: gpu_check.sh
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, autoguided_sample_img_s=guided), f,
-                      indent=2)
-    else:
-        print("no GPU available: img64-xs / img64-s figures not measured")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import tempfile
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 FORMAT = "mini_autoguide"
 
@@ -89,7 +91,6 @@ def save_model(path, net, kind, config, extra=None):
 
 def save_tensors(path, state, kind, config, extra=None):
     """save_model for a state dict {name: tensor}."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config), "extra": json.dumps(extra or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -97,7 +98,6 @@ def save_tensors(path, state, kind, config, extra=None):
 
 def read_header(path, kind=None):
     """(config, extra) of a file written by save_model, without reading its tensors."""
-    from safetensors import safe_open
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -118,7 +118,6 @@ def read_header(path, kind=None):
 
 def read_model(path, kind=None):
     """Return (state_dict, config, extra) of a file written by save_model."""
-    from safetensors.torch import load_file
     config, extra = read_header(path, kind)
     try:
         state = load_file(os.fspath(path))

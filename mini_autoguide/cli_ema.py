@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from .cli_args import UsageError
+from .posthoc import reconstruct, save_reconstruction
 
 HELP = "post-hoc EMA: rebuild a model of any EMA length from a run's snapshots"
 
@@ -38,7 +39,6 @@ def register(sub):
 
 
 def run_ema(args):
-    from .posthoc import reconstruct, save_reconstruction
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder: give a file name")
     if os.path.exists(args.out) and not args.force:  # before the work, and again at the write

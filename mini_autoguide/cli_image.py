@@ -12,6 +12,11 @@ import time
 
 from . import presets
 from .cli_args import DefaultsHelp, UsageError, add_guidance_options, guidance_weight
+from .generate import generate, load_models
+from .image_files import save_outputs, side_by_side
+from .prep import prepare
+from .seeds import parse_seeds
+from .train import TrainingDiverged, train
 
 
 def register(sub):
@@ -107,7 +112,6 @@ def _at_least_one(*options):
 
 
 def run_train(args):
-    from .train import TrainingDiverged, train
     opts = {k: getattr(args, k) for k in ("kimg", "batch", "lr_ref", "lr_tref", "rampup_kimg", "ema", "snapshot_kimg",
                                           "checkpoint_kimg", "label_dropout", "xflip", "precision", "channels_last",
                                           "compile", "workers", "seed", "device", "max_steps", "max_minutes")}
@@ -128,9 +132,6 @@ def run_train(args):
 
 
 def run_sample(args):
-    from .generate import generate, load_models
-    from .seeds import parse_seeds
-    from .image_files import save_outputs
     seeds = parse_seeds(args.seeds)
     classes = parse_seeds(args.classes) if args.classes else None
     _at_least_one(("--batch", args.batch), ("--steps", args.steps))
@@ -154,14 +155,12 @@ def run_sample(args):
 
 
 def run_prep(args):
-    from .prep import prepare
     _at_least_one(("--resolution", args.resolution), ("--workers", args.workers))
     n = prepare(args.src, args.out, args.resolution, args.workers, force=args.force, progress=not args.quiet)
     print(f"prepared {n} images in {args.out}", file=sys.stderr)
 
 
 def run_grid(args):
-    from .image_files import side_by_side
     if args.titles and len(args.titles) != len(args.images):
         raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
     _at_least_one(("--columns", args.columns), ("--scale", args.scale))

@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 LABELS_FILE = "labels.json"
@@ -60,10 +61,9 @@ class FileDataset:
         first = self._read(0)
         self.channels, self.resolution = first.shape[0], first.shape[1]
         if check_all:  # headers only: cheap, and a mixed-size set fails now, not mid-run
-            from PIL import Image
             for f in self.files:
                 with self._open(f) as fh:
-                    size = _pil_open(Image, fh, self._where(f)).size
+                    size = _pil_open(fh, self._where(f)).size
                 if size != (self.resolution, self.resolution):
                     raise DataError(f"{self._where(f)} is {size[0]}x{size[1]}, but {self._where(self.files[0])} is "
                                     f"{self.resolution}x{self.resolution}: all images must have one square size")
@@ -85,10 +85,9 @@ class FileDataset:
         return self._zip.open(f)
 
     def _read(self, i):
-        from PIL import Image
         f = self.files[i]
         with self._open(f) as fh:
-            img = _pil_open(Image, fh, self._where(f))
+            img = _pil_open(fh, self._where(f))
             try:
                 arr = np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB"))
             except Exception as e:
@@ -106,7 +105,7 @@ class FileDataset:
         return {**self.__dict__, "_zip": None}
 
 
-def _pil_open(Image, fh, where):
+def _pil_open(fh, where):
     try:
         return Image.open(fh)  # reads the header only
     except Exception as e:

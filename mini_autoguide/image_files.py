@@ -6,6 +6,7 @@ Images are uint8 [N, H, W, C] arrays, C = 1 or 3, as generate.generate returns t
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from .checkpoint import atomic_write, write_json, write_npz
 
@@ -23,7 +24,6 @@ def make_grid(images, columns):
 
 def save_png(path, image):
     """uint8 [H, W, C] with C = 1 or 3 -> PNG, written atomically."""
-    from PIL import Image
     picture = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
@@ -47,7 +47,6 @@ def save_outputs(out, images, labels, seeds, info, columns=None, force=False):
 def side_by_side(paths, titles, out, scale=2, columns=None):
     """Images in rows of `columns` (default: all in one row), upscaled by `scale` (nearest), each with its
     title above; every cell is as large as the largest image. Writes out (PNG)."""
-    from PIL import Image, ImageDraw
     ims = []
     for p in paths:
         try:

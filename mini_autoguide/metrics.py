@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 _BLOCK = 2048
+# scipy is imported where it is used: it adds half a second to every `import mini_autoguide`
 _TREE_DIMS = 3  # up to this many dimensions, neighbours come from a k-d tree
 
 

@@ -95,7 +95,7 @@ def normalize_weights_(net):
     would otherwise grow their norm and so shrink the effective learning rate.
     EDM2 does it at the start of each training forward pass; done here, the
     forward pass is a pure function of the parameters, as graph compilers
-    want (torch 2.13's inductor failed on the in-place write in the graph)."""
+    want (docs/image.md, "Known issues")."""
     for layer in net.modules():
         if isinstance(layer, MPConv):
             layer.weight.copy_(_unit_rows(layer.weight[None])[0])   # as the forward pass computes it

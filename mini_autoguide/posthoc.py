@@ -58,7 +58,7 @@ def solve_coefficients(gammas, times, gamma, t):
 def snapshots(run_dir):
     """The EMA snapshots in a training run's folder: [dict(path, sigma_rel, nimg, step, config, extra)],
     sorted by time. A network-latest-* file counts only where no numbered file has its
-    (sigma_rel, nimg) (a session stopped between snapshots); saved reconstructions do not count."""
+    (sigma_rel, nimg) (a training call stopped between snapshots); saved reconstructions do not count."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     found = {}

@@ -14,6 +14,7 @@ import shutil
 import zipfile
 
 import numpy as np
+from PIL import Image
 
 from .checkpoint import atomic_write, write_json
 from .data import IMAGE_EXTS, LABELS_FILE, DataError
@@ -22,7 +23,6 @@ from .progress import progress_bar
 
 def center_crop_dhariwal(image, resolution):
     """PIL image -> uint8 [resolution, resolution, C] (C = 3, or 1 for greyscale)."""
-    from PIL import Image
     image = image.convert("L" if image.mode in ("L", "1", "I", "I;16") else "RGB")
     while min(image.size) >= 2 * resolution:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
@@ -53,7 +53,6 @@ def list_tree(src):
 
 def _convert(job):
     """Worker: crop one image into its PNG (written atomically). Returns an error line or None."""
-    from PIL import Image
     src_path, dst_path, resolution = job
     if os.path.exists(dst_path):
         return None  # done in an earlier, interrupted run

@@ -25,7 +25,7 @@ PRESETS = {
     "fmnist-main": dict(net=dict(_FMNIST, channels=32), train=dict(_FMNIST_TRAIN, kimg=192)),
     "fmnist-guide": dict(net=dict(_FMNIST, channels=16), train=dict(_FMNIST_TRAIN, kimg=48, lr_tref=500)),
     # The small-scale Table 1 (experiments/fmnist_table.py): an S main and an XS guide, sized so that
-    # eight rows of 5,000 samples, FID included, fit a session on 2 CPU cores (docs/eval.md).
+    # eight rows of 5,000 samples, FID included, fit a few hours on 2 CPU cores (docs/eval.md).
     "fmnist-s": dict(net=dict(_FMNIST, channels=16, channels_per_head=32), train=dict(_FMNIST_TRAIN, kimg=64, lr_tref=1000)),
     "fmnist-xs": dict(net=dict(_FMNIST, channels=8, channels_per_head=16), train=dict(_FMNIST_TRAIN, kimg=64, lr_tref=1000)),
     # For tests: runs a training step in milliseconds.

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 from . import data as data_mod
 from . import edm, presets
@@ -43,7 +44,6 @@ def _setup_distributed(device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device)
-    import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.device(device).type == "cuda":
         device = torch.device("cuda", local)
@@ -134,7 +134,7 @@ def train(data, out, preset="fmnist-main", force=False, log=print, **overrides):
             break
     bar.close()
     if world > 1:
-        torch.distributed.barrier()
+        dist.barrier()
     seconds = time.time() - t0
     return dict(steps=stop_step, start_step=start_step, seconds=seconds, loss=last_loss,
                 img_per_s=(stop_step - start_step) * batch / max(seconds, 1e-9), net=net, ema=ema)
@@ -159,9 +159,8 @@ def wrap(net, opts, world, device):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if opts.compile:
-        # Without inductor's layout optimisation (re-laying an NCHW convolution graph out channels-last
-        # by itself): in torch 2.13 on CPU it gave wrong gradients for the NCHW network (whole attention
-        # weights at zero; found with torch._inductor.compiler_bisector). The layout is ours to choose.
+        # The memory layout is ours to choose (opts.channels_last): inductor may not re-lay the graph
+        # out by itself (docs/image.md, "Known issues").
         model = torch.compile(model, options={"layout_optimization": False})
     return model
 
@@ -230,7 +229,7 @@ def _agree(flag, world):
     """Rank 0's decision, so that all processes stop at the same step."""
     if world > 1:
         t = torch.tensor([float(flag)])
-        torch.distributed.broadcast(t, 0)
+        dist.broadcast(t, 0)
         flag = bool(t.item())
     return flag
 
@@ -238,7 +237,7 @@ def _agree(flag, world):
 def _mean_over_ranks(value, world):
     if world > 1:
         value = value.clone()
-        torch.distributed.all_reduce(value)
+        dist.all_reduce(value)
         value /= world
     return float(value)
 
