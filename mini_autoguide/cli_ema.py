@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 
+from .checkpoint import refuse_existing
 from .cli_args import UsageError
 from .posthoc import reconstruct, save_reconstruction
 
@@ -41,8 +42,7 @@ def register(sub):
 def run_ema(args):
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder: give a file name")
-    if os.path.exists(args.out) and not args.force:  # before the work, and again at the write
-        raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
+    refuse_existing(args.out, args.force)   # before the work, and again at the write
     state, info = reconstruct(args.run_dir, args.sigma_rel, args.at)
     ph = info["posthoc"]
     print(f"sigma_rel {info['sigma_rel']:g} at {info['nimg'] / 1000:g} kimg from {len(ph['snapshots'])} snapshots "

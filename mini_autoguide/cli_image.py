@@ -11,6 +11,7 @@ import sys
 import time
 
 from . import presets
+from .checkpoint import refuse_existing
 from .cli_args import DefaultsHelp, UsageError, add_guidance_options, guidance_weight
 from .generate import generate, load_models
 from .image_files import save_outputs, side_by_side
@@ -135,9 +136,8 @@ def run_sample(args):
     seeds = parse_seeds(args.seeds)
     classes = parse_seeds(args.classes) if args.classes else None
     _at_least_one(("--batch", args.batch), ("--steps", args.steps))
-    outputs = [os.path.join(args.out, n) for n in ("grid.png", "samples.npz")]
-    if not args.force and any(os.path.exists(f) for f in outputs):
-        raise FileExistsError(f"{args.out} already holds samples: pass --force to overwrite")
+    for name in ("grid.png", "samples.npz"):   # before the slow part; save_outputs checks every file
+        refuse_existing(os.path.join(args.out, name), args.force)
     main, guide = load_models(args.main, args.guide, args.method, args.device)
     t0 = time.time()
     weight = guidance_weight(args, "image")
@@ -164,6 +164,5 @@ def run_grid(args):
     if args.titles and len(args.titles) != len(args.images):
         raise UsageError(f"{len(args.images)} images but {len(args.titles)} titles")
     _at_least_one(("--columns", args.columns), ("--scale", args.scale))
-    if os.path.exists(args.out) and not args.force:
-        raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
+    refuse_existing(args.out, args.force)
     side_by_side(args.images, args.titles, args.out, args.scale, args.columns)

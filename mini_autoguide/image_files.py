@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_write, write_json, write_npz
+from .checkpoint import atomic_write, refuse_existing, write_json, write_npz
 
 
 def make_grid(images, columns):
@@ -32,9 +32,8 @@ def save_outputs(out, images, labels, seeds, info, columns=None, force=False):
     """Write out/SEED.png per sample, out/grid.png, out/samples.npz and out/info.json."""
     files = [os.path.join(out, f"{s:06d}.png") for s in seeds] + [os.path.join(out, n) for n in
                                                                     ("grid.png", "samples.npz", "info.json")]
-    existing = [f for f in files if os.path.exists(f)]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists: pass --force to overwrite")
+    for f in files:
+        refuse_existing(f, force)
     os.makedirs(out, exist_ok=True)
     for s, im in zip(seeds, images):
         save_png(os.path.join(out, f"{s:06d}.png"), im)

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from .checkpoint import atomic_write, write_json
+from .checkpoint import atomic_write, refuse_existing, write_json
 from .data import IMAGE_EXTS, LABELS_FILE, DataError
 from .progress import progress_bar
 
@@ -69,8 +69,8 @@ def _convert(job):
 def prepare(src, out, resolution=64, workers=None, force=False, progress=True):
     """Crop every image of the tree `src` into folder `out` or ZIP `out` (*.zip). Returns the image count."""
     to_zip = out.lower().endswith(".zip")
-    if to_zip and os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} exists: pass --force to overwrite")
+    if to_zip:
+        refuse_existing(out, force)
     if not to_zip and os.path.exists(os.path.join(out, LABELS_FILE)) and not force:
         raise FileExistsError(f"{out} is a finished dataset: pass --force to overwrite")
     classes, items = list_tree(src)
@@ -82,12 +82,14 @@ def prepare(src, out, resolution=64, workers=None, force=False, progress=True):
 
     bar = progress_bar(len(jobs), "prep", "img", enabled=progress, leave=True)
     workers = max(1, workers or os.cpu_count() or 1)
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
-        for error in pool.imap_unordered(_convert, jobs, chunksize=64):
-            if error:
-                raise DataError(error)
-            bar.update(1)
-    bar.close()
+    try:  # the bar closed first, so that an error's one line is not mixed into it
+        with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
+            for error in pool.imap_unordered(_convert, jobs, chunksize=64):
+                if error:
+                    raise DataError(error)
+                bar.update(1)
+    finally:
+        bar.close()
 
     labels = dict(classes=classes, resolution=resolution, labels=[[f, lb] for f, (_, lb) in zip(files, items)])
     if not to_zip:

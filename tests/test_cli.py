@@ -131,7 +131,7 @@ SAMPLES = "eval samples {d}/%s --data {d}/small --classifier {d}/clf.safetensors
     ("train {d}/nowhere --out {d}/run --label-dropout 1", "--label-dropout must be in [0, 1)"),
     ("sample {d}/nowhere.safetensors --out {d}/new --steps 0", "--steps must be at least 1, got 0"),
     ("sample {d}/nowhere.safetensors --out {d}/new --batch 0", "--batch must be at least 1, got 0"),
-    ("sample {d}/nowhere.safetensors --out {d}/sampled", "already holds samples: pass --force"),
+    ("sample {d}/nowhere.safetensors --out {d}/sampled", "exists: pass --force"),
     ("prep {d}/tree {d}/new --resolution 0", "--resolution must be at least 1"),
     ("prep {d}/tree {d}/new --workers 0", "--workers must be at least 1"),
     ("prep {d}/nowhere {d}/new", "source folder not found"),
