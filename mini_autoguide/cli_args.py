@@ -44,3 +44,13 @@ def add_guidance_options(p, domain, guide_help, method="autoguidance"):
 def guidance_weight(args, domain):
     """--weight, or the method's default w for the domain."""
     return args.weight if args.weight is not None else getattr(METHODS[args.method], domain + "_weight")
+
+
+def add_common(p, out_help=None, force_help="overwrite existing outputs", device=True):
+    """--out (where out_help is given), --device, --force and --quiet: spelled alike in every command."""
+    if out_help:
+        p.add_argument("--out", required=True, help=out_help)
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,12 +12,24 @@ import time
 
 from . import presets
 from .checkpoint import refuse_existing
-from .cli_args import DefaultsHelp, UsageError, add_guidance_options, guidance_weight
+from .cli_args import DefaultsHelp, UsageError, add_common, add_guidance_options, guidance_weight
 from .generate import generate, load_models
 from .image_files import save_outputs, side_by_side
 from .prep import prepare
 from .seeds import parse_seeds
 from .train import TrainingDiverged, train
+
+
+# The preset's training recipe, option by option (flag, TrainOptions field, type, help); unset, the preset's value.
+RECIPE = [
+    ("--kimg", "kimg", float, "train until this many thousand images"),
+    ("--batch", "batch", int, "global batch size (split across processes)"),
+    ("--lr", "lr_ref", float, "alpha_ref of lr = alpha_ref / sqrt(max(t / t_ref, 1))"),
+    ("--lr-tref", "lr_tref", float, "t_ref in batches: when the lr starts to decay"),
+    ("--rampup-kimg", "rampup_kimg", float, "linear lr warm-up over this many thousand images (0: none)"),
+    ("--snapshot-kimg", "snapshot_kimg", float, "write EMA snapshots every this many thousand images"),
+    ("--checkpoint-kimg", "checkpoint_kimg", float, "write the resume state this often (default: snapshot)"),
+]
 
 
 def register(sub):
@@ -29,16 +41,10 @@ def register(sub):
                                    "--snapshot-kimg (an early one can serve as the autoguidance guide). "
                                    "Multi-GPU/multi-node: launch with torchrun. Unset options take the preset's value.")
     p.add_argument("data", help="Fashion-MNIST IDX folder, prepared folder/ZIP with labels.json, or class-folder tree")
-    p.add_argument("--out", required=True, help="run folder (created; resumed if it holds state.pt)")
     p.add_argument("--preset", default="fmnist-main", choices=presets.names(), help="network size and training defaults")
-    p.add_argument("--kimg", type=float, help="train until this many thousand images")
-    p.add_argument("--batch", type=int, help="global batch size (split across processes)")
-    p.add_argument("--lr", dest="lr_ref", type=float, help="alpha_ref of lr = alpha_ref / sqrt(max(t / t_ref, 1))")
-    p.add_argument("--lr-tref", dest="lr_tref", type=float, help="t_ref in batches: when the lr starts to decay")
-    p.add_argument("--rampup-kimg", type=float, help="linear lr warm-up over this many thousand images")
+    for flag, key, kind, text in RECIPE:
+        p.add_argument(flag, dest=key, type=kind, help=text)
     p.add_argument("--ema", type=float, nargs="+", help="power-function EMA widths sigma_rel to track")
-    p.add_argument("--snapshot-kimg", type=float, help="write EMA snapshots every this many thousand images")
-    p.add_argument("--checkpoint-kimg", type=float, help="write the resume state this often (default: snapshot)")
     p.add_argument("--label-dropout", type=float, help="drop class labels with this probability (for CFG)")
     p.add_argument("--uncond", action="store_true", help="ignore class labels: train an unconditional model")
     p.add_argument("--xflip", action="store_true", help="random horizontal flips")
@@ -50,11 +56,9 @@ def register(sub):
                    help="torch.compile the network: faster steps after a compilation (minutes on a CPU)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (file datasets)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this call, with a checkpoint; the next call resumes")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes of this call, with a checkpoint; the next call resumes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true", help="start over in an existing --out folder")
+    add_common(p, "run folder (created; resumed if it holds state.pt)", "start over in an existing --out folder")
     p.set_defaults(run=run_train)
 
     p = sub.add_parser("sample", formatter_class=fmt, help="sample images, optionally guided",
@@ -74,10 +78,7 @@ def register(sub):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the networks: faster for thousands of samples, after a compilation of a minute or two")
     p.add_argument("--columns", type=int, help="grid columns (default: number of classes, or square)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p, "output folder")
     p.set_defaults(run=run_sample)
 
     p = sub.add_parser("prep", formatter_class=fmt, help="class-folder tree -> 64x64 PNGs + labels.json",
@@ -89,8 +90,7 @@ def register(sub):
     p.add_argument("out", help="output folder, or a path ending in .zip")
     p.add_argument("--resolution", type=int, default=64, help="output size")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p, device=False)
     p.set_defaults(run=run_prep)
 
     p = sub.add_parser("grid", formatter_class=fmt, help="put images side by side with titles",
@@ -113,13 +113,13 @@ def _at_least_one(*options):
 
 
 def run_train(args):
-    opts = {k: getattr(args, k) for k in ("kimg", "batch", "lr_ref", "lr_tref", "rampup_kimg", "ema", "snapshot_kimg",
-                                          "checkpoint_kimg", "label_dropout", "xflip", "precision", "channels_last",
-                                          "compile", "workers", "seed", "device", "max_steps", "max_minutes")}
-    for flag, key in (("--kimg", "kimg"), ("--batch", "batch"), ("--lr", "lr_ref"),
-                      ("--snapshot-kimg", "snapshot_kimg"), ("--checkpoint-kimg", "checkpoint_kimg")):
-        if opts[key] is not None and not opts[key] > 0:  # NaN too
-            raise UsageError(f"{flag} must be positive, got {opts[key]}")
+    opts = {k: getattr(args, k) for k in [key for _, key, _, _ in RECIPE] + [
+        "ema", "label_dropout", "xflip", "precision", "channels_last", "compile", "workers", "seed", "device",
+        "max_steps", "max_minutes"]}
+    for flag, key, _, _ in RECIPE:
+        value = opts[key]
+        if value is not None and not (value >= 0 if key == "rampup_kimg" else value > 0):  # NaN too
+            raise UsageError(f"{flag} must be {'at least 0' if key == 'rampup_kimg' else 'positive'}, got {value}")
     if opts["label_dropout"] is not None and not 0 <= opts["label_dropout"] < 1:
         raise UsageError(f"--label-dropout must be in [0, 1), got {opts['label_dropout']}")
     try:
