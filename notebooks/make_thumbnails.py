@@ -14,6 +14,7 @@ import sys
 
 import nbclient
 import nbformat
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide.checkpoint import atomic_write  # noqa: E402
@@ -32,7 +33,6 @@ def last_figure(nb):
 
 
 def thumbnail(png, width):
-    from PIL import Image
     image = Image.open(io.BytesIO(png)).convert("RGB")
     height = round(image.height * width / image.width)
     out = io.BytesIO()
