@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy2d  # noqa: E402
 from mini_autoguide.edm import exact_score_loss, sample_sigma  # noqa: E402
 from toy2d.model import ToyMLP  # noqa: E402
+from toy2d.reproduce import Settings, reproduce  # noqa: E402
 from toy2d.train import ToyConfig, train  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
@@ -125,8 +127,6 @@ def main():
 
     # ---- the whole reproduction ----------------------------------------------
     if args.full:
-        import tempfile
-        from toy2d.reproduce import Settings, reproduce
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             report = reproduce(tmp, Settings(), progress=False, log=lambda *a: None)

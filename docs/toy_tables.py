@@ -11,11 +11,10 @@ import sys
 
 import numpy as np
 
-from toy2d.seeds import point
+from toy2d.plots import ORDER, look
+from toy2d.reproduce import point
 
-ROWS = ("truth", "none", "autoguidance", "cfg", "truncation")
-NAMES = {"truth": "true samples", "none": "no guidance", "autoguidance": "autoguidance",
-         "cfg": "CFG", "truncation": "truncation"}
+ROWS = ("truth", *ORDER)
 
 
 def methods_table(report):
@@ -24,7 +23,7 @@ def methods_table(report):
     for name in ROWS:
         r = report["methods"][name]
         w = f"{r['weight']:g}" if name not in ("truth", "none") else "-"
-        out.append(f"| {NAMES[name]} | {w} | {r['mean_logp']:.2f} | {100 * r['outliers']:.1f}% | "
+        out.append(f"| {look(name).label} | {w} | {r['mean_logp']:.2f} | {100 * r['outliers']:.1f}% | "
                    f"{r['branch_tv']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
     return "\n".join(out)
 
@@ -33,17 +32,17 @@ def sweep_table(report):
     """One line per method: w: precision/recall/outliers, and the share of
     diverged samples (inf or NaN, counted as outliers) where there are any."""
     out = []
-    for m in ("autoguidance", "cfg", "truncation"):
+    for m in ORDER[1:]:
         cells = []
         for r in (r for r in report["sweep"] if r["method"] == m):
             diverged = f" ({100 * r['diverged']:.2g}% diverged)" if r.get("diverged") else ""
             cells.append(f"{r['weight']:g}: {r['precision']:.2f}/{r['recall']:.2f}/{100 * r['outliers']:.0f}%{diverged}")
-        out.append(f"- **{NAMES[m]}** (w: precision/recall/outliers) {'; '.join(cells)}")
+        out.append(f"- **{look(m).label}** (w: precision/recall/outliers) {'; '.join(cells)}")
     return "\n".join(out)
 
 
 def seeds_table(summaries):
-    """[(label, toy2d.seeds summary, w or None), ...] -> one markdown table: each method at its
+    """[(label, summary of `toy reproduce --seeds`, w or None), ...] -> one markdown table: each method at its
     headline w, mean +- std over the seeds, and [on how many seeds it beats no guidance].
     Entries after the first are another guide recipe, or another w of autoguidance's sweep
     (w given): they add their autoguidance row."""
@@ -59,7 +58,7 @@ def seeds_table(summaries):
                 better = f" [{m['beats_none']}]" if "beats_none" in m and name != "none" else ""
                 cells.append(f"{fmt.format(scale * m['mean'])} ± {fmt.format(scale * m['std']).rstrip('%')}{better}")
             w = f"{p['weight']:g}" if name not in ("truth", "none") else "-"
-            out.append(f"| {label} | {NAMES[name]} | {w} | " + " | ".join(cells) + " |")
+            out.append(f"| {label} | {look(name).label} | {w} | " + " | ".join(cells) + " |")
     n = {len(s["seeds"]) for _, s, _ in summaries}
     out.append(f"\nMean ± std over {'/'.join(map(str, sorted(n)))} seeds; [k]: the seeds on which the method beats "
                "no guidance.")
@@ -69,11 +68,11 @@ def seeds_table(summaries):
 def seeds_sweep_table(summary):
     """Every method's sweep over w, mean +- std over the seeds [seeds better than no guidance]."""
     out = ["| method | w | outliers | precision | recall |", "|---|---|---|---|---|"]
-    for name in ("autoguidance", "cfg", "truncation"):
+    for name in ORDER[1:]:
         for p in sorted((p for p in summary["points"] if p["method"] == name and p["weight"] != 1.0),
                         key=lambda p: p["weight"]):
             o, pr, r = (p["metrics"][k] for k in ("outliers", "precision", "recall"))
-            out.append(f"| {NAMES[name]} | {p['weight']:g} | {100 * o['mean']:.1f}% ± {100 * o['std']:.1f} "
+            out.append(f"| {look(name).label} | {p['weight']:g} | {100 * o['mean']:.1f}% ± {100 * o['std']:.1f} "
                        f"[{o['beats_none']}] | {pr['mean']:.3f} ± {pr['std']:.3f} [{pr['beats_none']}] "
                        f"| {r['mean']:.3f} ± {r['std']:.3f} |")
     return "\n".join(out)

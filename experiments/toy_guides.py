@@ -18,11 +18,11 @@ not depend on the total length, so the snapshot at iteration 512 of a longer
 run is exactly the 512-iteration guide. Further EMA lengths are tracked in
 the same run.
 
-    python experiments/toy_guides.py --runs runs/toy-seeds --outdir runs/toy-guides
-    python experiments/toy_guides.py --outdir runs/toy-guides --table     # markdown
-    python experiments/toy_guides.py --outdir runs/toy-guides --figure F  # one panel a w
+    python experiments/toy_guides.py --runs runs/toy-seeds --out runs/toy-guides
+    python experiments/toy_guides.py --out runs/toy-guides --table     # markdown
+    python experiments/toy_guides.py --out runs/toy-guides --figure F  # one panel a w
 
-Resumable: OUTDIR/guides.json holds each main's no-guidance baseline and
+Resumable: OUT/guides.json holds each main's no-guidance baseline and
 every finished (main, guide seed, recipe, w) point; it is written after each
 training run.
 """
@@ -31,7 +31,7 @@ import copy
 import json
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide.checkpoint import write_json  # noqa: E402
 from mini_autoguide.ema import PowerEMA  # noqa: E402
 from mini_autoguide.seeds import parse_seeds  # noqa: E402
-from toy2d.metrics import ToyMetrics  # noqa: E402
-from toy2d.reproduce import Settings, denoiser, load_toy, sample, start_points  # noqa: E402
-from toy2d.train import ToyConfig, train  # noqa: E402
+from toy2d.reproduce import Settings  # noqa: E402
+from toy2d.sample import denoiser  # noqa: E402
+from toy2d.train import ToyConfig, load_toy, train  # noqa: E402
 
 WIDTHS = {16: (0.01,), 32: (0.01, 0.05, 0.10), 64: (0.01,)}   # width -> the EMA lengths studied at it
 ITERATIONS = (256, 512, 1024)
@@ -68,9 +68,9 @@ def train_guides(width, sigma_rels, seed):
     return guides
 
 
-def run(runs, outdir, mains, guide_seeds, log=print):
-    os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, "guides.json")
+def run(runs, out, mains, guide_seeds, log=print):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "guides.json")
     study = json.load(open(path)) if os.path.exists(path) else dict(baseline={}, rows=[])
     rows = study["rows"]
     done = {(r["main_seed"], r["guide_seed"], r["width"], r["ema"]) for r in rows}
@@ -78,12 +78,12 @@ def run(runs, outdir, mains, guide_seeds, log=print):
         for main_seed in mains:
             settings = replace(Settings(), seed=main_seed)
             report = json.load(open(os.path.join(runs, f"seed-{main_seed}", "metrics.json")))
-            if report["settings"] != json.loads(json.dumps(asdict(settings))):
+            if report["settings"] != settings.to_json():
                 raise SystemExit(f"{runs}/seed-{main_seed} was not made at the paper's settings")
             study["baseline"][str(main_seed)] = report["methods"]["none"]   # main alone, same x0 and reference
             main = load_toy(os.path.join(runs, f"seed-{main_seed}", "models", "main.safetensors"))[0]
-            metrics = ToyMetrics("A", n_reference=settings.samples, seed=main_seed + 12345)
-            x0 = start_points(settings)
+            metrics = settings.metrics()
+            x0 = settings.start_points()
             for width, sigma_rels in WIDTHS.items():
                 if (main_seed, guide_seed, width, sigma_rels[-1]) in done:
                     continue
@@ -91,7 +91,7 @@ def run(runs, outdir, mains, guide_seeds, log=print):
                 guides = train_guides(width, sigma_rels, seed=100_000 + 1000 * main_seed + guide_seed)
                 for (iterations, sigma_rel), guide in guides.items():
                     for w in WEIGHTS:
-                        r = metrics(sample(denoiser("autoguidance", dict(main=main, guide=guide), w), x0, settings))
+                        r = metrics(settings.sample(denoiser("autoguidance", dict(main=main, guide=guide), w), x0))
                         rows.append(dict(main_seed=main_seed, guide_seed=guide_seed, width=width,
                                          iterations=iterations, ema=sigma_rel, weight=w, **r))
                         log(f"main {main_seed} guide seed {guide_seed} width {width:2d} it {iterations:4d} "
@@ -194,13 +194,13 @@ def figure(path, study):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/toy-seeds", help="a `toy reproduce --seeds` output directory")
-    parser.add_argument("--outdir", required=True, help="where guides.json goes")
+    parser.add_argument("--out", required=True, help="where guides.json goes")
     parser.add_argument("--mains", default="0-3", help="main seeds (default 0-3)")
     parser.add_argument("--guide-seeds", default="0-2", help="guide seeds per main (default 0-2)")
-    parser.add_argument("--table", action="store_true", help="print OUTDIR/guides.json as a markdown table")
-    parser.add_argument("--figure", metavar="PNG", help="write the outliers figure from OUTDIR/guides.json")
+    parser.add_argument("--table", action="store_true", help="print OUT/guides.json as a markdown table")
+    parser.add_argument("--figure", metavar="PNG", help="write the outliers figure from OUT/guides.json")
     args = parser.parse_args()
-    path = os.path.join(args.outdir, "guides.json")
+    path = os.path.join(args.out, "guides.json")
     if args.table or args.figure:
         study = json.load(open(path))
         if args.table:
@@ -208,7 +208,7 @@ def main():
         if args.figure:
             figure(args.figure, study)
         return
-    run(args.runs, args.outdir, parse_seeds(args.mains), parse_seeds(args.guide_seeds))
+    run(args.runs, args.out, parse_seeds(args.mains), parse_seeds(args.guide_seeds))
 
 
 if __name__ == "__main__":

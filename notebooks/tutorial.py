@@ -12,11 +12,11 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from toy2d.reproduce import Settings, load_toy, save_toy
-from toy2d.train import train
+from toy2d.reproduce import Settings
+from toy2d.train import load_toy, save_toy, train
 
 FAST_ENV = "MINI_AUTOGUIDE_FAST"
-TOY_DIR_ENV = "MINI_AUTOGUIDE_TOY_DIR"  # a `toy reproduce --outdir` folder to load models from
+TOY_DIR_ENV = "MINI_AUTOGUIDE_TOY_DIR"  # a `toy reproduce --out` folder to load models from
 CACHE_ENV = "MINI_AUTOGUIDE_CACHE"      # where trained models are kept (the tests use a fresh one)
 DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 

@@ -31,7 +31,7 @@ PARSERS = list(_parsers(cli.build_parser()))
     (["train", "data", "--out", "o", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["train", "data"], "the following arguments are required: --out"),
     (["sample", "m.safetensors", "--out", "o", "--steps", "many"], "argument --steps: invalid int value"),
-    (["toy", "sample", "--main", "m", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
+    (["toy", "sample", "m", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
     (["eval", "samples"], "the following arguments are required"),
 ])
 def test_bad_command_line_is_one_line_and_exit_2(argv, message, capsys):
@@ -147,11 +147,11 @@ SAMPLES = "eval samples {d}/%s --data {d}/small --classifier {d}/clf.safetensors
     # ema
     ("ema {d}/nowhere --sigma-rel 0.07 --out {d}", "is a folder: give a file name"),
     # toy
-    ("toy reproduce --outdir {d}/file.txt", "is a file"),
-    ("toy sample --main {d}/nowhere.safetensors --out {d}/new.npz -n 0", "--num and --steps must be positive"),
-    ("toy sample --main {d}/nowhere.safetensors --out {d}/new.npz --steps 0", "--num and --steps must be positive"),
+    ("toy reproduce --out {d}/file.txt", "is a file"),
+    ("toy sample {d}/nowhere.safetensors --out {d}/new.npz -n 0", "--num and --steps must be positive"),
+    ("toy sample {d}/nowhere.safetensors --out {d}/new.npz --steps 0", "--num and --steps must be positive"),
     ("toy evaluate {d}/nan.npz", "non-finite values"),
-    ("toy plot --outdir {d}", "metrics.json not found"),
+    ("toy plot {d}", "metrics.json not found"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, argv, message, tmp_path, capsys, monkeypatch):
     d = shutil.copytree(inputs, tmp_path / "d")   # a copy per case: what one case writes cannot mislead another

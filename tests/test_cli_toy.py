@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mini_autoguide.cli import main
+from mini_autoguide.cli import build_parser, main
+from mini_autoguide.guidance import METHODS
 from toy2d import plots
+from toy2d import reproduce as toy
 from toy2d.model import ToyMLP
-from toy2d.reproduce import METHODS, save_toy
-from toy2d.train import ToyConfig
+from toy2d.train import MODEL_KIND, ToyConfig, save_toy, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def bad(capsys, *args):
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "run"
-    r = run("toy", "reproduce", "--fast", "--quiet", "--outdir", str(out))
+    r = run("toy", "reproduce", "--fast", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -47,7 +48,7 @@ def reproduced(tmp_path_factory):
 def test_reproduce_fast_end_to_end(reproduced):
     out, r = reproduced
     report = json.loads((out / "metrics.json").read_text())
-    for name in METHODS + ("truth",):
+    for name in (*METHODS, "truth"):
         x = np.load(out / "samples" / f"{name}.npz")["x"]
         assert x.shape == (4096, 2) and np.isfinite(x).all()
         assert set(report["methods"][name]) >= {"mean_logp", "outliers", "branch_tv", "precision", "recall"}
@@ -86,14 +87,12 @@ def _numbers(obj):
 def test_reproduce_is_deterministic_per_seed_in_small(tmp_path):
     """reproduce() at tiny settings (a few seconds): the default run's check of what
     the slow test below checks on `toy reproduce --fast`."""
-    from toy2d.reproduce import Settings, reproduce
-
     def tiny(seed):
-        s = Settings.fast(seed)
+        s = toy.Settings.fast(seed)
         s.main, s.guide, s.uncond = (replace(c, iterations=16, batch=256) for c in (s.main, s.guide, s.uncond))
         s.samples, s.steps, s.sweep = 512, 4, dict(autoguidance=[1.0, 2.0])
         return s
-    reports = [reproduce(tmp_path / name, tiny(seed), figures=False, log=lambda *a: None)
+    reports = [toy.reproduce(tmp_path / name, tiny(seed), figures=False, log=lambda *a: None)
                for name, seed in (("a", 0), ("b", 0), ("c", 1))]
     assert _numbers(reports[0]) == _numbers(reports[1]) and _numbers(reports[0]) != _numbers(reports[2])
     for name in METHODS:
@@ -109,7 +108,7 @@ def test_reproduce_is_deterministic_per_seed(reproduced, tmp_path):
     runs = {}
     for name, seed in (("again", "0"), ("other", "1")):
         r = run("toy", "reproduce", "--fast", "--quiet", "--no-figures", "--seed", seed,
-                "--outdir", str(tmp_path / name))
+                "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
         runs[name] = tmp_path / name
     first, again, other = (json.loads((d / "metrics.json").read_text()) for d in (out, runs["again"], runs["other"]))
@@ -124,7 +123,7 @@ def test_reproduce_is_deterministic_per_seed(reproduced, tmp_path):
 def test_reproduce_refuses_to_overwrite(reproduced):
     out, _ = reproduced
     before = (out / "metrics.json").read_bytes()
-    r = run("toy", "reproduce", "--fast", "--quiet", "--outdir", str(out))
+    r = run("toy", "reproduce", "--fast", "--quiet", "--out", str(out))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--force" in r.stderr and "Traceback" not in r.stderr
     assert (out / "metrics.json").read_bytes() == before
@@ -133,10 +132,10 @@ def test_reproduce_refuses_to_overwrite(reproduced):
 @pytest.mark.slow   # a whole `toy reproduce --fast` with figures: about a minute on 2 cores
 def test_plot_and_evaluate_from_a_run(reproduced, tmp_path, capsys, monkeypatch):
     out, _ = reproduced
-    drawn, all_figures = {}, plots.all_figures   # keep the Figures that `toy plot` draws
-    monkeypatch.setattr(plots, "all_figures", lambda *args: drawn.update(all_figures(*args)))
+    drawn, draw = {}, toy.draw   # keep the Figures that `toy plot` draws
+    monkeypatch.setattr(toy, "draw", lambda *args: drawn.update(draw(*args)))
     pixels = {name: plt.imread(out / f"{name}.png") for name in ("samples", "sweep")}
-    assert main(["toy", "plot", "--outdir", str(out)]) == 0
+    assert main(["toy", "plot", str(out)]) == 0
     check_figures(drawn, out)
     # reproduce drew the same pictures from the same numbers (the guide figure also reruns the
     # networks, so it is left out: a thread count could move a trajectory by a float rounding)
@@ -154,7 +153,7 @@ def check_figures(figs, out):
     report = json.loads((out / "metrics.json").read_text())
     names = ("truth", "none", "autoguidance", "cfg", "truncation")
     # samples: one panel a method, its samples (the first 3000) and its metrics under them
-    assert [ax.get_title().split(" (w=")[0] for ax in figs["samples"].axes] == [plots.LABEL[m] for m in names]
+    assert [ax.get_title().split(" (w=")[0] for ax in figs["samples"].axes] == [plots.look(m).label for m in names]
     for ax, name in zip(figs["samples"].axes, names):
         (dots,) = ax.collections
         assert np.array_equal(dots.get_offsets(), np.load(out / "samples" / f"{name}.npz")["x"][:3000])
@@ -164,8 +163,8 @@ def check_figures(figs, out):
         lines = {line.get_label(): line for line in ax.get_lines()}
         for method in ("autoguidance", "cfg", "truncation"):
             rows = [r for r in report["sweep"] if r["method"] == method]
-            assert list(lines[plots.LABEL[method]].get_xdata()) == [r["recall"] for r in rows]
-            assert list(lines[plots.LABEL[method]].get_ydata()) == [r[key] for r in rows]
+            assert list(lines[plots.look(method).label].get_xdata()) == [r["recall"] for r in rows]
+            assert list(lines[plots.look(method).label].get_ydata()) == [r[key] for r in rows]
         truth = report["methods"]["truth"]
         assert ax.collections[0].get_offsets().tolist() == [[truth["recall"], truth[key]]]
     # guide: main, guide, their log-ratio, then trajectories without and with autoguidance from
@@ -173,7 +172,7 @@ def check_figures(figs, out):
     guide = figs["guide"].axes
     assert len(guide) == 4 and not np.array_equal(guide[0].images[0].get_array(), guide[1].images[0].get_array())
     paths = {m: [np.column_stack(line.get_data()) for line in guide[3].get_lines()
-                 if line.get_color() == plots.STYLE[m][0]] for m in ("none", "autoguidance")}
+                 if line.get_color() == plots.look(m).style[0]] for m in ("none", "autoguidance")}
     assert [len(p) for p in paths.values()] == [24, 24]
     none, auto = (np.array([p[[0, -1]] for p in paths[m]]) for m in paths)   # [24, start/end, 2]
     assert np.array_equal(none[:, 0], auto[:, 0]) and np.abs(none[:, 1] - auto[:, 1]).max() > 0.01
@@ -183,23 +182,32 @@ def check_figures(figs, out):
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     cfg = ToyConfig(width=8, iterations=2, batch=64)
-    from toy2d.train import train
     net, _ = train(cfg)
     save_toy(d / "main.safetensors", net, cfg)
     save_toy(d / "guide.safetensors", net, cfg)
     odd = ToyMLP(8, dim=3)
     from mini_autoguide.checkpoint import save_model
-    save_model(d / "dim3.safetensors", odd, "toy2d-mlp", dict(vars(cfg), dim=3))
+    save_model(d / "dim3.safetensors", odd, MODEL_KIND, dict(vars(cfg), dim=3))
     (d / "truncated.safetensors").write_bytes((d / "main.safetensors").read_bytes()[:64])
     torch.save({"a": 1}, d / "foreign.safetensors")
     return d
+
+
+def test_the_commands_defaults_are_the_toys():
+    # the parser cannot import toy2d (the library never imports the toy), so it writes them again
+    parser, c, s = build_parser(), ToyConfig(), toy.Settings()
+    args = parser.parse_args(["toy", "train", "--out", "m"])
+    assert (args.classes, args.width, args.depth, args.iterations, args.batch, args.loss, args.lr, args.ema,
+            args.seed) == (c.classes, c.width, c.depth, c.iterations, c.batch, c.loss, c.lr, c.ema_sigma_rel, c.seed)
+    args = parser.parse_args(["toy", "sample", "m", "--out", "o"])
+    assert (args.num, args.steps, args.seed) == (s.samples, s.steps, s.seed)
 
 
 def test_train_and_sample_commands(models, tmp_path, capsys):
     m = str(tmp_path / "m.safetensors")
     assert main(["toy", "train", "--out", m, "--width", "8", "--iterations", "3", "--batch", "64", "--quiet"]) == 0
     s = tmp_path / "s.npz"
-    assert main(["toy", "sample", "--main", m, "--guide", str(models / "guide.safetensors"), "--method",
+    assert main(["toy", "sample", m, "--guide", str(models / "guide.safetensors"), "--method",
                  "autoguidance", "--weight", "2", "-n", "32", "--steps", "4", "--out", str(s), "--quiet"]) == 0
     assert np.load(s)["x"].shape == (32, 2)
     capsys.readouterr()
@@ -209,9 +217,11 @@ def test_train_and_sample_commands(models, tmp_path, capsys):
 def test_bad_input(models, tmp_path, capsys):
     m, g = str(models / "main.safetensors"), str(models / "guide.safetensors")
     out = str(tmp_path / "x.npz")
-    common = ["--main", m, "-n", "8", "--steps", "2", "--out", out, "--quiet"]
+    common = [m, "-n", "8", "--steps", "2", "--out", out, "--quiet"]
     assert "unknown class" in bad(capsys, "toy", "train", "--out", str(tmp_path / "c.st"), "--classes", "C")
-    assert "unknown guidance method" in bad(capsys, "toy", "sample", *common, "--method", "magic")
+    with pytest.raises(SystemExit) as e:   # argparse knows the methods
+        main(["toy", "sample", *common, "--method", "magic"])
+    assert e.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
     assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "nan")
     assert "finite" in bad(capsys, "toy", "sample", *common, "--guide", g, "--weight", "inf")
     assert "interval" in bad(capsys, "toy", "sample", *common, "--guide", g, "--interval", "1", "0.5")

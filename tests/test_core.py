@@ -89,7 +89,7 @@ def test_the_default_sampler_takes_the_papers_32_steps():
     assert Settings().steps == 32
     assert inspect.signature(generate.generate).parameters["steps"].default == 32
     parser = cli.build_parser()
-    assert parser.parse_args(["toy", "sample", "--main", "m", "--out", "o"]).steps == 32
+    assert parser.parse_args(["toy", "sample", "m", "--out", "o"]).steps == 32
     assert parser.parse_args(["sample", "m", "--out", "o"]).steps == 32
 
 
@@ -145,11 +145,11 @@ def test_exact_denoiser_reproduces_the_true_distribution():
     denoiser, from exact samples at sigma_max, gives samples of the class-A mixture: mean and
     covariance against their closed forms, mean log-density against fresh exact samples.
     Tolerance: 5 standard errors of each estimate."""
-    from toy2d.reproduce import Settings, sample, start_points
+    from toy2d.reproduce import Settings
     settings = Settings()
     g = toy2d.gmm("A")
     n = 512
-    x = sample(g.denoise, start_points(settings, n, seed=2), settings).double().numpy()
+    x = settings.sample(g.denoise, settings.start_points(n, seed=2)).double().numpy()
     w, mu, cov = g.weight, g.mu, g.cov
     mean = (w[:, None] * mu).sum(0)
     covariance = (w[:, None, None] * (cov + mu[:, :, None] * mu[:, None, :])).sum(0) - np.outer(mean, mean)

@@ -73,7 +73,7 @@ def test_toy_tables_are_the_output_of_their_documented_commands():
     # are exactly what their committed commands print from the committed results
     with open(os.path.join(ROOT, "docs", "toy.md")) as f:
         toy = f.read()
-    for start in ("python docs/toy_tables.py --seeds ", "python experiments/toy_guides.py --outdir docs/results"):
+    for start in ("python docs/toy_tables.py --seeds ", "python experiments/toy_guides.py --out docs/results"):
         args = _documented_command(toy, start)
         r = subprocess.run([sys.executable] + args[1:], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

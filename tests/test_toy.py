@@ -1,4 +1,4 @@
-"""The toy network, its training, saving/loading, and the metrics."""
+"""The toy network, its training, saving/loading, sampling and the exact metrics."""
 import os
 import stat
 
@@ -8,13 +8,12 @@ import torch
 
 import knn_reference
 import toy2d
+from mini_autoguide import guidance
 from mini_autoguide.checkpoint import CheckpointError
-from mini_autoguide.edm import exact_score_loss
-from toy2d.metrics import ToyMetrics
+from mini_autoguide.edm import exact_score_loss, learning_rate
 from toy2d.model import ToyMLP
-from toy2d.reproduce import load_toy, save_toy
-from mini_autoguide.edm import learning_rate
-from toy2d.train import ToyConfig, train
+from toy2d.sample import ToyMetrics, denoiser
+from toy2d.train import ToyConfig, load_toy, save_toy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # many small ops: one thread is faster on a busy CPU
 
@@ -165,6 +164,18 @@ def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a mini_autoguide model"):
         load_toy(foreign)
+
+
+def test_each_method_is_guided_by_its_own_model():
+    """Autoguidance takes the guide, CFG the unconditional model (exact mixtures stand in for the networks)."""
+    a, b, ab = toy2d.gmm("A"), toy2d.gmm("B"), toy2d.gmm("AB")
+    nets = dict(main=a.denoise, guide=b.denoise, uncond=ab.denoise)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    for method, guide in (("autoguidance", b), ("cfg", ab)):
+        expected = guidance.make(method, a.denoise, guide.denoise, 2.0)(x, 0.3)
+        assert torch.equal(denoiser(method, nets, 2.0)(x, 0.3), expected)
+    assert torch.equal(denoiser("none", nets, 1.0)(x, 0.3), a.denoise(x, 0.3))
+    assert torch.equal(denoiser("truncation", nets, 1.4)(x, 0.3), guidance.truncation(a.denoise, 1.4)(x, 0.3))
 
 
 def test_metrics_on_true_and_bad_samples():

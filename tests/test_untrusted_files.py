@@ -10,9 +10,8 @@ import torch
 from mini_autoguide import cli
 from mini_autoguide.checkpoint import save_model
 from mini_autoguide.unet import KIND
-from toy2d.reproduce import save_toy
 from toy2d.model import ToyMLP
-from toy2d.train import ToyConfig
+from toy2d.train import ToyConfig, save_toy
 
 from image_helpers import tiny_net
 from test_data import write_idx
@@ -67,8 +66,8 @@ def test_toy_sample_refuses_a_pickle_as_main_or_guide(tmp_path, capsys, fmt):
     save_toy(tmp_path / "good.safetensors", ToyMLP(8), cfg)
     out = tmp_path / "x.npz"
     common = ["-n", "8", "--steps", "2", "--out", out, "--quiet"]
-    refused(capsys, ["toy", "sample", "--main", evil, *common])
-    refused(capsys, ["toy", "sample", "--main", tmp_path / "good.safetensors", "--guide", evil,
+    refused(capsys, ["toy", "sample", evil, *common])
+    refused(capsys, ["toy", "sample", tmp_path / "good.safetensors", "--guide", evil,
                      "--method", "autoguidance", *common])
     assert not marker.exists() and not out.exists()
 

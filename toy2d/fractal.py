@@ -13,6 +13,7 @@ of every (point, component) pair come out of a few broadcast products.
 float64 is the reference; float32 is the fast path (tests/test_fractal.py
 bounds its error by float32 arithmetic).
 """
+import functools
 import math
 
 import numpy as np
@@ -25,10 +26,10 @@ CLASSES = ("A", "B", "AB")
 _CHUNK = 1024  # points per block: keeps the [chunk, K] temporaries in cache
 
 
-def _build_tree():
-    """Return (phi [K], mu [K,2], cov [K,2,2], branch [K], cls [K]) in float64.
-
-    One RandomState(2) shared by both classes; A first, then B, depth first.
+@functools.lru_cache(maxsize=None)
+def tree():
+    """The tree of both classes, built once: (phi [K], mu [K,2], cov [K,2,2], branch [K], cls [K])
+    as float64 numpy arrays. One RandomState(2) shared by both classes; A first, then B, depth first.
     """
     rnd = np.random.RandomState(2)
     phi, mu, cov, branch, cls = [], [], [], [], []
@@ -58,17 +59,6 @@ def _build_tree():
     recurse(0, 0, ORIGIN, np.pi / 4)
     recurse(1, 0, ORIGIN, 5 * np.pi / 4)
     return (np.array(phi), np.array(mu), np.array(cov), np.array(branch), np.array(cls))
-
-
-_TREE = None
-
-
-def tree():
-    """The cached tree of both classes (float64 numpy arrays)."""
-    global _TREE
-    if _TREE is None:
-        _TREE = _build_tree()
-    return _TREE
 
 
 class GMM:

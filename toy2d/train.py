@@ -1,4 +1,4 @@
-"""Training the toy models (arXiv 2406.02507, App. C).
+"""Training the toy models (arXiv 2406.02507, App. C), and saving and loading them.
 
 Exact score matching needs no data set: each batch is fresh samples of the
 class, noised, with the exact score of the noised density as the target.
@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mini_autoguide.checkpoint import CheckpointError, read_model, save_model
 from mini_autoguide.edm import denoising_loss, exact_score_loss, learning_rate, sample_sigma
 from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
 from mini_autoguide.mp import normalize_weights_
@@ -18,6 +19,7 @@ from .fractal import CLASSES, gmm as make_gmm
 from .model import ToyMLP
 
 LOSSES = ("exact", "dsm")
+MODEL_KIND = "toy2d-mlp"   # what a saved toy model's header says it is
 
 
 @dataclass
@@ -98,6 +100,18 @@ def train(config, progress=False, callback=None):
     return ema.nets[0].eval(), losses
 
 
-def model_config(config):
-    """What a saved toy model's JSON header holds."""
-    return asdict(config)
+def save_toy(path, net, config):
+    """Save a toy model as safetensors, its ToyConfig in the JSON header."""
+    save_model(path, net, MODEL_KIND, asdict(config))
+
+
+def load_toy(path):
+    """Load a toy model saved by save_toy; returns (net in eval mode, ToyConfig)."""
+    state, config, _ = read_model(path, MODEL_KIND)
+    try:
+        config = ToyConfig(**config)
+        net = ToyMLP(config.width, config.depth, dim=config.dim)
+        net.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not match their config ({e})") from None
+    return net.eval().requires_grad_(False), config

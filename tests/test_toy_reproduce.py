@@ -1,4 +1,5 @@
-"""The toy over many seeds: the summary's statistics, the per-seed runs, the CLI's --seeds."""
+"""The toy reproduction (toy2d/reproduce.py): one run, and many seeds with their summary's
+statistics, per-seed runs and the CLI's --seeds."""
 import json
 import os
 import shutil
@@ -8,8 +9,11 @@ import numpy as np
 import pytest
 
 from mini_autoguide.cli import main
-from toy2d import seeds as seeds_mod
-from toy2d.reproduce import METHODS, Settings, reproduce
+from mini_autoguide.guidance import METHODS
+from toy2d import plots
+from toy2d import reproduce as toy
+from toy2d.reproduce import Settings
+from toy2d.sample import denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -38,25 +42,24 @@ def test_summary_statistics_by_hand(tmp_path):
         values["autoguidance"] = _metrics(auto[k], 0.85 + 0.01 * k)
         values["truth"] = _metrics(0.01, 0.95)
         reports[seed] = _report(values, {2.0: _metrics(0.5 + k, 0.5)})
-    summary = seeds_mod.summarize(reports)
+    summary = toy.summarize(reports)
     assert summary["seeds"] == [4, 7, 9]
-    s = seeds_mod.point(summary, "autoguidance")["metrics"]["outliers"]
+    s = toy.point(summary, "autoguidance")["metrics"]["outliers"]
     assert s["per_seed"] == auto and s["min"] == 0.05 and s["max"] == 0.25
     assert s["mean"] == pytest.approx(np.mean(auto), rel=1e-15)
     assert s["std"] == pytest.approx(np.sqrt(sum((a - np.mean(auto)) ** 2 for a in auto) / 2), rel=1e-12)
     assert s["beats_none"] == 2                                     # lower is better for outliers
-    r = seeds_mod.point(summary, "autoguidance")["metrics"]["recall"]
+    r = toy.point(summary, "autoguidance")["metrics"]["recall"]
     assert r["beats_none"] == 0                                     # higher is better for recall: 0.85.. < 0.9
-    sweep = seeds_mod.point(summary, "autoguidance", 2.0)["metrics"]["outliers"]
+    sweep = toy.point(summary, "autoguidance", 2.0)["metrics"]["outliers"]
     assert sweep["per_seed"] == [0.5, 1.5, 2.5] and sweep["std"] == pytest.approx(1.0)
-    assert "beats_none" not in seeds_mod.point(summary, "truth")["metrics"]["outliers"]
+    assert "beats_none" not in toy.point(summary, "truth")["metrics"]["outliers"]
     json.dumps(summary)   # plain JSON
-    text = seeds_mod.format_summary(summary)
+    text = toy.format_summary(summary)
     assert "3 seeds (4,7,9)" in text and "[2]" in text
     # The figure: per panel, one grey line a seed through each method's value, and each method's
     # mean over the seeds with a bar of +- the standard deviation.
-    from toy2d import plots
-    fig = plots.seeds_figure(str(tmp_path / "seeds.png"), summary)
+    fig = plots.seeds_figure(str(tmp_path / "seeds.png"), [toy.point(summary, m) for m in plots.ORDER])
     outliers_ax, recall_ax = fig.axes
     grey = [line for line in outliers_ax.get_lines() if line.get_color() == "#999999"]
     assert [list(line.get_ydata()) for line in grey] == [[none[k], auto[k], 0.2, 0.2] for k in range(3)]
@@ -72,12 +75,12 @@ def test_summary_statistics_by_hand(tmp_path):
 
 
 def test_a_point_missing_on_some_seed_is_left_out():
-    a = _report({m: _metrics(0.1, 0.9) for m in METHODS + ("truth",)}, {2.0: _metrics(0.1, 0.9)})
-    b = _report({m: _metrics(0.2, 0.8) for m in METHODS + ("truth",)}, {})
-    summary = seeds_mod.summarize({0: a, 1: b})
+    a = _report({m: _metrics(0.1, 0.9) for m in (*METHODS, "truth")}, {2.0: _metrics(0.1, 0.9)})
+    b = _report({m: _metrics(0.2, 0.8) for m in (*METHODS, "truth")}, {})
+    summary = toy.summarize({0: a, 1: b})
     with pytest.raises(KeyError):
-        seeds_mod.point(summary, "autoguidance", 2.0)
-    assert seeds_mod.point(summary, "none")["metrics"]["outliers"]["per_seed"] == [0.1, 0.2]
+        toy.point(summary, "autoguidance", 2.0)
+    assert toy.point(summary, "none")["metrics"]["outliers"]["per_seed"] == [0.1, 0.2]
 
 
 def _tiny(seed):
@@ -91,39 +94,65 @@ def _tiny(seed):
     return s
 
 
+def test_settings_read_back_from_metrics_json_are_the_run_s():
+    for settings in (Settings(), Settings.fast(3), _tiny(7)):
+        assert Settings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
+
+
+def test_guide_figure_draws_the_networks_and_trajectories_of_the_run(tmp_path):
+    # guide_views runs the networks; guide_figure draws those arrays and samples nothing itself
+    settings = _tiny(0)
+    nets = {name: toy.obtain(settings, name, log=lambda *a: None)[0] for name in toy.MODELS}
+    views = toy.guide_views(nets, settings, n_traj=5)
+    x0 = settings.start_points(5, seed=3)
+    for method, t in views["trajectories"].items():
+        x = settings.sample(denoiser(method, nets, settings.weights[method]), x0)
+        assert t.shape == (settings.steps + 1, 5, 2) and np.array_equal(t[0], x0) and np.array_equal(t[-1], x)
+    assert views["logp"]["main"].shape == (plots.DENSITY_GRID ** 2,)
+    assert views["score"]["guide"].shape == (plots.ARROW_GRID ** 2, 2)
+    fig = plots.guide_figure(str(tmp_path / "guide.png"), views)
+    lines = fig.axes[3].get_lines()
+    for method, t in views["trajectories"].items():
+        drawn = [np.column_stack(line.get_data()) for line in lines if line.get_color() == plots.look(method).style[0]]
+        assert len(drawn) == 5 and all(np.array_equal(d, t[:, i]) for i, d in enumerate(drawn))
+    arrows = fig.axes[0].collections[0]   # main's score directions, at unit length
+    u = views["score"]["main"] / np.linalg.norm(views["score"]["main"], axis=1, keepdims=True)
+    assert np.allclose(np.column_stack([arrows.U, arrows.V]), u, atol=1e-6)
+
+
 def test_every_seed_is_the_one_seed_run_and_resumes(tmp_path, monkeypatch):
     quiet = dict(figures=False, log=lambda *a: None)
-    summary = seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
-    alone = reproduce(str(tmp_path / "alone"), _tiny(5), **quiet)   # seed 5 on its own
-    got = seeds_mod.point(summary, "autoguidance")["metrics"]["outliers"]["per_seed"]
+    summary = toy.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
+    alone = toy.reproduce(str(tmp_path / "alone"), _tiny(5), **quiet)   # seed 5 on its own
+    got = toy.point(summary, "autoguidance")["metrics"]["outliers"]["per_seed"]
     assert got[1] == alone["methods"]["autoguidance"]["outliers"]
     assert got[0] != got[1] or summary["points"][0]["metrics"]["recall"]["std"] > 0   # the seeds differ
     for seed in (3, 5):
         assert os.path.isfile(tmp_path / "study" / f"seed-{seed}" / "metrics.json")
     # a finished seed is read back, not rerun
     os.remove(tmp_path / "study" / "summary.json")
-    monkeypatch.setattr(seeds_mod, "reproduce", lambda *a, **k: pytest.fail("a finished seed ran again"))
-    again = seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
+    monkeypatch.setattr(toy, "reproduce", lambda *a, **k: pytest.fail("a finished seed ran again"))
+    again = toy.reproduce_seeds(str(tmp_path / "study"), [3, 5], _tiny, **quiet)
     assert again == json.loads((tmp_path / "study" / "summary.json").read_text()) == json.loads(json.dumps(summary))
     # a seed of other settings is refused, not mixed in
     with pytest.raises(ValueError, match="other settings"):
-        seeds_mod.reproduce_seeds(str(tmp_path / "study"), [3], lambda s: replace(_tiny(s), samples=128), **quiet)
+        toy.reproduce_seeds(str(tmp_path / "study"), [3], lambda s: replace(_tiny(s), samples=128), **quiet)
 
 
 def test_cli_seeds_reads_back_finished_seeds_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "study"
-    seeds_mod.reproduce_seeds(str(out), [0], _tiny, figures=False, log=lambda *a: None)
+    toy.reproduce_seeds(str(out), [0], _tiny, figures=False, log=lambda *a: None)
     os.remove(out / "summary.json")
     # The CLI's --fast settings differ from the tiny ones: the finished seed is refused, one line, exit 2.
-    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--fast", "--quiet"]) == 2
+    assert main(["toy", "reproduce", "--out", str(out), "--seeds", "0", "--fast", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "other settings" in err and err.count("\n") == 1
     # Bad seed lists are one line too.
-    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "3-1", "--quiet"]) == 2
+    assert main(["toy", "reproduce", "--out", str(out), "--seeds", "3-1", "--quiet"]) == 2
     assert "seed range" in capsys.readouterr().err
     # An existing summary is not overwritten without --force.
     (out / "summary.json").write_text("{}")
-    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--quiet"]) == 2
+    assert main(["toy", "reproduce", "--out", str(out), "--seeds", "0", "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err and (out / "summary.json").read_text() == "{}"
     shutil.rmtree(out)
 
@@ -135,7 +164,7 @@ def test_cli_seeds_reads_back_finished_seeds_and_refuses_to_overwrite(tmp_path, 
                                                 ("--guide-weight", "-1", "--guide-weight")])
 def test_bad_guide_recipe_is_refused_before_anything_runs(tmp_path, capsys, flag, value, message):
     out = tmp_path / "run"
-    assert main(["toy", "reproduce", "--outdir", str(out), flag, value, "--quiet"]) == 2
+    assert main(["toy", "reproduce", "--out", str(out), flag, value, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
@@ -144,9 +173,8 @@ def test_bad_guide_recipe_is_refused_before_anything_runs(tmp_path, capsys, flag
 def test_guide_recipe_reaches_the_guide(tmp_path, monkeypatch):
     # The options change the guide's configuration only: the main model and CFG's model stay.
     seen = {}
-    import toy2d.reproduce
-    monkeypatch.setattr(toy2d.reproduce, "reproduce", lambda outdir, settings, **kw: seen.setdefault("s", settings))
-    main(["toy", "reproduce", "--outdir", str(tmp_path / "r"), "--guide-width", "16", "--guide-iterations", "100",
+    monkeypatch.setattr(toy, "reproduce", lambda outdir, settings, **kw: seen.setdefault("s", settings))
+    main(["toy", "reproduce", "--out", str(tmp_path / "r"), "--guide-width", "16", "--guide-iterations", "100",
           "--guide-ema", "0.05", "--guide-weight", "2", "--quiet", "--no-figures"])
     s = seen["s"]
     assert (s.guide.width, s.guide.iterations, s.guide.ema_sigma_rel) == (16, 100, 0.05)
@@ -160,8 +188,8 @@ def test_a_finished_study_grows_but_never_shrinks(tmp_path, capsys, monkeypatch)
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"seeds": [0, 1]}))
     called = []
-    monkeypatch.setattr(seeds_mod, "reproduce_seeds", lambda outdir, seeds, *a, **k: called.append(seeds))
-    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0-2", "--quiet", "--no-figures"]) == 0
+    monkeypatch.setattr(toy, "reproduce_seeds", lambda outdir, seeds, *a, **k: called.append(seeds))
+    assert main(["toy", "reproduce", "--out", str(out), "--seeds", "0-2", "--quiet", "--no-figures"]) == 0
     assert called == [[0, 1, 2]]
-    assert main(["toy", "reproduce", "--outdir", str(out), "--seeds", "0", "--quiet"]) == 2   # would drop seed 1
+    assert main(["toy", "reproduce", "--out", str(out), "--seeds", "0", "--quiet"]) == 2   # would drop seed 1
     assert "--force" in capsys.readouterr().err and called == [[0, 1, 2]]
