@@ -15,6 +15,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from . import guidance
 from .checkpoint import refuse_existing, write_json, write_npz
@@ -89,7 +90,6 @@ def register(sub):
 
 
 def _use_device(args):
-    import torch
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:

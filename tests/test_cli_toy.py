@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mini_autoguide.checkpoint import save_model
 from mini_autoguide.cli import build_parser, main
 from mini_autoguide.guidance import METHODS
 from toy2d import plots
@@ -186,7 +187,6 @@ def models(tmp_path_factory):
     save_toy(d / "main.safetensors", net, cfg)
     save_toy(d / "guide.safetensors", net, cfg)
     odd = ToyMLP(8, dim=3)
-    from mini_autoguide.checkpoint import save_model
     save_model(d / "dim3.safetensors", odd, MODEL_KIND, dict(vars(cfg), dim=3))
     (d / "truncated.safetensors").write_bytes((d / "main.safetensors").read_bytes()[:64])
     torch.save({"a": 1}, d / "foreign.safetensors")

@@ -5,12 +5,14 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import knn_reference
 import toy2d
 from mini_autoguide import guidance
 from mini_autoguide.checkpoint import CheckpointError
 from mini_autoguide.edm import exact_score_loss, learning_rate
+from mini_autoguide.mp import mp_silu
 from toy2d.model import ToyMLP
 from toy2d.sample import ToyMetrics, denoiser
 from toy2d.train import ToyConfig, load_toy, save_toy, train
@@ -77,7 +79,6 @@ def test_untrained_model_is_the_gaussian_prior():
 def test_mp_layers_keep_unit_variance():
     net = ToyMLP(256, depth=4)
     x = torch.randn(4096, 4)
-    from mini_autoguide.mp import mp_silu
     y = net.layers[0](x)
     assert abs(y.std().item() - 1) < 0.1
     for layer in net.layers[1:]:
@@ -159,7 +160,6 @@ def test_load_refuses_missing_truncated_and_foreign_files(tmp_path):
     torch.save(net.state_dict(), pickle)
     with pytest.raises(CheckpointError):
         load_toy(pickle)
-    from safetensors.torch import save_file
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a mini_autoguide model"):
