@@ -1,13 +1,11 @@
 """Figures for the toy (matplotlib lives here, never in the library core).
 
-Each figure draws the arrays it is given: the samples and metrics of a run
-(reproduce.py), the networks' densities, scores and trajectories
-(reproduce.guide_views), a seeds study's summary; it samples nothing and runs
-no network, and computes only the exact density of the fractal behind them.
-Grey-scale-safe:
-densities in 'Greys', methods told apart by marker and line style as well as
-colour. Each figure function writes a PNG and returns its Figure (closed, so
-pyplot holds no reference; its Axes still hold what was drawn).
+Each figure draws the arrays it is given: a run's samples and metrics, the networks'
+densities, scores and trajectories (reproduce.guide_views), a seeds study's summary. It
+samples nothing and runs no network; it computes only the fractal's exact density behind
+them. Grey-scale-safe: densities in 'Greys', methods told apart by marker and line style as
+well as colour. Each figure writes a PNG and returns its Figure (closed, so pyplot holds no
+reference; its Axes still hold what was drawn).
 """
 import numpy as np
 import torch
