@@ -11,7 +11,13 @@ import sys
 
 import numpy as np
 
+from .checkpoint import write_json
+from .classifier import ClassifierFeatures, train_classifier
 from .cli_args import DefaultsHelp, UsageError
+from .data import load_idx_folder, open_dataset
+from .evaluate import evaluate, reference, to_nchw
+from .fid import Inception
+from .seeds import seed_text
 
 HELP = "image metrics: FID (Inception-v3), classifier FD, precision/recall, class consistency"
 
@@ -71,7 +77,6 @@ def _log(msg):
 
 def load_images(path, split):
     """(uint8 images [N, C, H, W], labels [N]) of a dataset split."""
-    from .data import open_dataset
     ds = open_dataset(path, split=split)
     if hasattr(ds, "images"):
         return ds.images, np.asarray(ds.labels)
@@ -82,10 +87,8 @@ def load_spaces(args):
     """The feature spaces chosen by --classifier / --fid."""
     spaces = []
     if args.classifier:
-        from .classifier import ClassifierFeatures
         spaces.append(ClassifierFeatures(args.classifier))
     if args.fid:
-        from .fid import Inception
         spaces.append(Inception(args.inception, device=args.device))
     if not spaces:
         raise UsageError("choose at least one feature space: --classifier FILE and/or --fid")
@@ -104,7 +107,6 @@ def _check_size(spaces, shape, what):
 
 
 def references(args, spaces):
-    from .evaluate import reference
     images, _ = load_images(args.data, args.split)
     _check_size(spaces, images.shape[1:], f"the images of {args.data}")
     return {s.name: reference(s, images, args.cache, os.path.abspath(args.data), args.split,
@@ -112,8 +114,6 @@ def references(args, spaces):
 
 
 def run_train_classifier(args):
-    from .classifier import train_classifier
-    from .data import load_idx_folder
     if os.path.exists(args.out) and not args.force:
         raise FileExistsError(f"{args.out} exists: pass --force to overwrite")
     if args.epochs < 1 or (args.limit is not None and args.limit < 1):
@@ -129,9 +129,6 @@ def run_ref(args):
 
 
 def run_samples(args):
-    from .checkpoint import write_json
-    from .evaluate import evaluate, to_nchw
-    from .seeds import seed_text
     if args.json and os.path.exists(args.json) and not args.force:
         raise FileExistsError(f"{args.json} exists: pass --force to overwrite")
     sample_sets = [_read_samples(path) for path in args.samples]  # all checked before the slow part

@@ -151,21 +151,3 @@ def save_reconstruction(path, state, info, force=False):
     refuse_existing(path, force)
     save_tensors(path, state, KIND, info["config"], {k: v for k, v in info.items() if k != "config"})
 
-
-def posthoc_file(run_dir, sigma_rel, at_kimg, out_dir):
-    """Path of a model file holding the EMA of length sigma_rel at at_kimg thousand images: the run's own
-    snapshot where one was stored (a tracked profile at a snapshot's time), else a reconstruction written
-    once to out_dir/network-<images>-ema<sigma_rel>.safetensors and read back on later calls."""
-    nimg = round(at_kimg * 1000)
-    snaps = snapshots(run_dir)
-    for s in snaps:
-        if s["nimg"] == nimg and math.isclose(s["sigma_rel"], sigma_rel):
-            return s["path"]
-    path = os.path.join(out_dir, f"network-{nimg:09d}-ema{sigma_rel:g}.safetensors")
-    # A saved reconstruction is reused only if made from the snapshots the run holds now.
-    used = [os.path.basename(s["path"]) for s in snaps if s["nimg"] <= nimg]
-    if not os.path.isfile(path) or read_header(path, KIND)[1].get("posthoc", {}).get("snapshots") != used:
-        state, info = reconstruct(run_dir, sigma_rel, at_kimg)
-        os.makedirs(out_dir, exist_ok=True)
-        save_reconstruction(path, state, info, force=True)
-    return path

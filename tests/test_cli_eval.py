@@ -2,13 +2,16 @@
 the library on the same inputs."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from mini_autoguide import cli, data, metrics
 from mini_autoguide.classifier import ClassifierFeatures, train_classifier
-from mini_autoguide.evaluate import Reference, evaluate, file_digest
+from mini_autoguide.checkpoint import read_model
+from mini_autoguide.evaluate import Reference, evaluate
 
 from test_data import write_idx
 
@@ -59,28 +62,36 @@ def test_train_classifier_writes_the_weights_and_their_summary(idx, classifier, 
     direct = tmp_path / "direct.safetensors"
     train_classifier(data.load_idx_folder(idx, "train"), test, direct, log=lambda *a: None, progress=False,
                      limit=32, epochs=8, seed=1)
-    assert file_digest(direct) == file_digest(classifier)
+    (a, config_a, _), (b, config_b, _) = read_model(direct), read_model(classifier)
+    assert config_a == config_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ref_prints_and_caches_the_reference_statistics(idx, classifier, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    out, err = run(capsys, "eval", "ref", idx, "--classifier", classifier, "--cache", cache, "--quiet")
+    cache, weights = tmp_path / "cache", tmp_path / "clf.safetensors"
+    shutil.copy(classifier, weights)
+    out, err = run(capsys, "eval", "ref", idx, "--classifier", weights, "--cache", cache, "--quiet")
     info = json.loads(out)   # one line: one space
     assert (info["space"], info["split"], info["images"], info["n"], info["k"]) == ("classifier", "test", TEST, TEST, 3)
-    assert info["weights_sha256"] == file_digest(classifier) and info["dataset"] == os.path.abspath(idx)
-    [name] = os.listdir(cache)
-    assert name == f"ref-classifier-test-{info['weights_sha256'][:12]}.safetensors" and "computing" in err
+    assert info["weights"] == str(weights) and info["weights_bytes"] == weights.stat().st_size
+    assert info["dataset"] == os.path.abspath(idx)
+    assert os.listdir(cache) == ["ref-classifier-test.safetensors"] and "computing" in err
     # the cached statistics are those of the test images' features
-    mu, cov = metrics.gaussian_stats(ClassifierFeatures(classifier)(data.load_idx_folder(idx, "test").images))
-    ref = Reference.load(cache / name)
+    mu, cov = metrics.gaussian_stats(ClassifierFeatures(weights)(data.load_idx_folder(idx, "test").images))
+    ref = Reference.load(cache / "ref-classifier-test.safetensors")
     np.testing.assert_allclose(ref.mu, mu, rtol=1e-6)
     np.testing.assert_allclose(ref.cov, cov, rtol=1e-6, atol=1e-9 * np.abs(cov).max())
     # a second run reads the cache back: the same line, nothing recomputed or rewritten
-    mtime = (cache / name).stat().st_mtime_ns
-    again, err = run(capsys, "eval", "ref", idx, "--classifier", classifier, "--cache", cache, "--quiet")
-    assert again == out and "computing" not in err and (cache / name).stat().st_mtime_ns == mtime
+    mtime = (cache / "ref-classifier-test.safetensors").stat().st_mtime_ns
+    again, err = run(capsys, "eval", "ref", idx, "--classifier", weights, "--cache", cache, "--quiet")
+    assert again == out and "computing" not in err
+    assert (cache / "ref-classifier-test.safetensors").stat().st_mtime_ns == mtime
+    # the weights file written again (a retrained classifier): the cache is made from other inputs
+    os.utime(weights, ns=(mtime, mtime + 10**9))
+    again, err = run(capsys, "eval", "ref", idx, "--classifier", weights, "--cache", cache, "--quiet")
+    assert "made from other inputs (weights_mtime_ns" in err and "computing" in err
+    assert json.loads(again)["weights_mtime_ns"] == mtime + 10**9
     # the other split is another reference
-    train, _ = run(capsys, "eval", "ref", idx, "--classifier", classifier, "--cache", cache, "--split", "train",
+    train, _ = run(capsys, "eval", "ref", idx, "--classifier", weights, "--cache", cache, "--split", "train",
                    "--quiet")
     assert json.loads(train)["images"] == TRAIN and len(os.listdir(cache)) == 2
 

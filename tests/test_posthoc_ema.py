@@ -1,7 +1,6 @@
 """Post-hoc EMA (EDM2, arXiv 2312.02696, Sec. 3, App. C.2): the profiles' inner product, the discrete EMA
 as a power-function average, reconstruction of synthetic and trained runs, the `ema` command."""
 import math
-import os
 import shutil
 
 import numpy as np
@@ -13,8 +12,7 @@ from mini_autoguide import cli, generate
 from mini_autoguide import train as train_mod
 from mini_autoguide.checkpoint import read_model, save_model, snapshot_name
 from mini_autoguide.ema import PowerEMA, sigma_rel_to_gamma
-from mini_autoguide.posthoc import (posthoc_file, profile_inner, reconstruct, save_reconstruction, snapshots,
-                                    solve_coefficients)
+from mini_autoguide.posthoc import profile_inner, reconstruct, save_reconstruction, snapshots, solve_coefficients
 from mini_autoguide.unet import Denoiser
 
 from image_helpers import tiny_dataset, tiny_net
@@ -224,29 +222,6 @@ def test_tiny_run_tracked_profile_comes_back(tiny_run):
     for sigma_rel, nimg in ((0.10, 288), (0.05, 480)):
         state, info = reconstruct(tiny_run, sigma_rel, at_kimg=nimg / 1000)
         assert_gives_back(tiny_run, state, info, snapshot_name(nimg, sigma_rel), cast=True)
-
-
-def test_posthoc_file_reuses_stored_snapshots_and_saved_reconstructions(tiny_run, tmp_path):
-    # A tracked profile at a snapshot's time is the run's own file: nothing is written.
-    assert posthoc_file(tiny_run, 0.10, 0.288, tmp_path) == str(tiny_run / snapshot_name(288, 0.10))
-    assert not os.listdir(tmp_path)
-    path = posthoc_file(tiny_run, 0.07, 0.288, tmp_path)
-    assert path == str(tmp_path / "network-000000288-ema0.07.safetensors")
-    extra = read_model(path, train_mod.KIND)[2]
-    assert extra["sigma_rel"] == 0.07 and extra["nimg"] == 288 and len(extra["posthoc"]["snapshots"]) == 6
-    mtime = os.stat(path).st_mtime_ns
-    assert posthoc_file(tiny_run, 0.07, 0.288, tmp_path) == path and os.stat(path).st_mtime_ns == mtime
-    # Made from other snapshots than the run holds now (say, an older run's): rebuilt.
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    for name in os.listdir(tiny_run):
-        if name[8:17].isdigit() and int(name[8:17]) <= 192:  # network-<images>-ema...
-            shutil.copy(tiny_run / name, stale / name)
-    path = posthoc_file(stale, 0.07, 0.192, tmp_path)
-    assert len(read_model(path, train_mod.KIND)[2]["posthoc"]["snapshots"]) == 4
-    os.remove(stale / snapshot_name(96, 0.10))
-    assert posthoc_file(stale, 0.07, 0.192, tmp_path) == path
-    assert len(read_model(path, train_mod.KIND)[2]["posthoc"]["snapshots"]) == 3
 
 
 def run_cli(capsys, *argv):
