@@ -46,11 +46,27 @@ def guidance_weight(args, domain):
     return args.weight if args.weight is not None else getattr(METHODS[args.method], domain + "_weight")
 
 
-def add_common(p, out_help=None, force_help="overwrite existing outputs", device=True):
-    """--out (where out_help is given), --device, --force and --quiet: spelled alike in every command."""
+def add_common(p, out_help=None, force_help="overwrite existing outputs", device=True, seed_help=None):
+    """--out (where out_help is given), --seed (where seed_help is), --device, --force and --quiet:
+    spelled alike in every command."""
+    if seed_help:
+        p.add_argument("--seed", type=int, default=0, help=seed_help)
     if out_help:
         p.add_argument("--out", required=True, help=out_help)
     if device:
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def command(cmds, name, run, help, description=None):
+    """A subcommand `name` that runs run(args); its --help shows the defaults."""
+    p = cmds.add_parser(name, formatter_class=DefaultsHelp, help=help, description=description or help)
+    p.set_defaults(run=run)
+    return p
+
+
+def family(sub, name, help):
+    """A command with subcommands of its own (toy, eval): returns what command() adds them to."""
+    parser = sub.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)

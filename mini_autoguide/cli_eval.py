@@ -13,23 +13,19 @@ import numpy as np
 
 from .checkpoint import write_json
 from .classifier import ClassifierFeatures, train_classifier
-from .cli_args import DefaultsHelp, UsageError
+from .cli_args import UsageError, command, family
 from .data import load_idx_folder, open_dataset
 from .evaluate import evaluate, reference, to_nchw
 from .fid import Inception
 from .seeds import seed_text
 
-HELP = "image metrics: FID (Inception-v3), classifier FD, precision/recall, class consistency"
-
 
 def register(sub):
-    fmt = DefaultsHelp
-    ev = sub.add_parser("eval", help=HELP, description=HELP)
-    cmds = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+    cmds = family(sub, "eval", "image metrics: FID (Inception-v3), classifier FD, precision/recall, class consistency")
 
-    p = cmds.add_parser("train-classifier", formatter_class=fmt, help="train the domain classifier once",
-                        description="Train the small CNN whose penultimate features give the domain Frechet "
-                        "distance; report its test accuracy. Writes FILE (safetensors) and FILE's .json.")
+    p = command(cmds, "train-classifier", run_train_classifier, "train the domain classifier once",
+                "Train the small CNN whose penultimate features give the domain Frechet distance; report its test"
+                " accuracy. Writes FILE (safetensors) and FILE's .json.")
     p.add_argument("data", help="dataset with a train and a test split (Fashion-MNIST IDX folder)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training set")
@@ -37,27 +33,22 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--force", action="store_true", help="overwrite an existing classifier")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_train_classifier)
 
-    p = cmds.add_parser("ref", formatter_class=fmt, help="compute and cache reference statistics",
-                        description="Features of the real images (float64 mean and covariance, features and "
-                        "k-NN radii) in each chosen space, cached in CACHE; a cache made from other inputs is "
-                        "recomputed.")
+    p = command(cmds, "ref", run_ref, "compute and cache reference statistics",
+                "Features of the real images (float64 mean and covariance, features and k-NN radii) in each "
+                "chosen space, cached in CACHE; a cache made from other inputs is recomputed.")
     p.add_argument("data", help="dataset (Fashion-MNIST IDX folder, prepared folder or ZIP)")
     _spaces(p)
-    p.set_defaults(run=run_ref)
 
-    p = cmds.add_parser("samples", formatter_class=fmt, help="evaluate sample files",
-                        description="Frechet distance and k-NN precision/recall (k=3) of samples.npz files "
-                        "(written by `sample`) against the reference split, in each chosen space, plus the "
-                        "classifier's accuracy on the classes the samples were drawn for. Prints one JSON "
-                        "object per file.")
+    p = command(cmds, "samples", run_samples, "evaluate sample files",
+                "Frechet distance and k-NN precision/recall (k=3) of samples.npz files (written by `sample`) "
+                "against the reference split, in each chosen space, plus the classifier's accuracy on the classes"
+                " the samples were drawn for. Prints one JSON object per file.")
     p.add_argument("samples", nargs="+", help="samples.npz files (images [N, H, W, C] uint8, seeds, labels)")
     p.add_argument("--data", required=True, help="the real dataset")
     _spaces(p)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--force", action="store_true", help="overwrite --json")
-    p.set_defaults(run=run_samples)
 
 
 def _spaces(p):

@@ -12,7 +12,7 @@ import time
 
 from . import presets
 from .checkpoint import refuse_existing
-from .cli_args import DefaultsHelp, UsageError, add_common, add_guidance_options, guidance_weight
+from .cli_args import UsageError, add_common, add_guidance_options, command, guidance_weight
 from .generate import generate, load_models
 from .image_files import save_outputs, side_by_side
 from .prep import prepare
@@ -33,13 +33,11 @@ RECIPE = [
 
 
 def register(sub):
-    fmt = DefaultsHelp
-
-    p = sub.add_parser("train", formatter_class=fmt, help="train an image denoiser (EDM2 U-Net)",
-                       description="Train an EDM2 U-Net denoiser. Resumes automatically from OUT/state.pt; "
-                                   "writes EMA snapshots OUT/network-<images>-ema<sigma_rel>.safetensors every "
-                                   "--snapshot-kimg (an early one can serve as the autoguidance guide). "
-                                   "Multi-GPU/multi-node: launch with torchrun. Unset options take the preset's value.")
+    p = command(sub, "train", run_train, "train an image denoiser (EDM2 U-Net)",
+                "Train an EDM2 U-Net denoiser. Resumes automatically from OUT/state.pt; writes EMA snapshots "
+                "OUT/network-<images>-ema<sigma_rel>.safetensors every --snapshot-kimg (an early one can serve as"
+                " the autoguidance guide). Multi-GPU/multi-node: launch with torchrun. Unset options take the "
+                "preset's value.")
     p.add_argument("data", help="Fashion-MNIST IDX folder, prepared folder/ZIP with labels.json, or class-folder tree")
     p.add_argument("--preset", default="fmnist-main", choices=presets.names(), help="network size and training defaults")
     for flag, key, kind, text in RECIPE:
@@ -59,12 +57,11 @@ def register(sub):
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this call, with a checkpoint; the next call resumes")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes of this call, with a checkpoint; the next call resumes")
     add_common(p, "run folder (created; resumed if it holds state.pt)", "start over in an existing --out folder")
-    p.set_defaults(run=run_train)
 
-    p = sub.add_parser("sample", formatter_class=fmt, help="sample images, optionally guided",
-                       description="Sample with the EDM Heun sampler. Each seed has its own noise generator and "
-                                   "its class is classes[seed % len(classes)], so methods compare on identical "
-                                   "noise. Writes OUT/<seed>.png, grid.png, samples.npz and info.json.")
+    p = command(sub, "sample", run_sample, "sample images, optionally guided",
+                "Sample with the EDM Heun sampler. Each seed has its own noise generator and its class is "
+                "classes[seed % len(classes)], so methods compare on identical noise. Writes OUT/<seed>.png, "
+                "grid.png, samples.npz and info.json.")
     p.add_argument("main", help="main model snapshot (.safetensors from train)")
     add_guidance_options(p, "image", "guide snapshot: a smaller/shorter-trained model (autoguidance) or an "
                          "unconditional one (cfg; default: the main model with no label)", method="none")
@@ -79,30 +76,26 @@ def register(sub):
                    help="torch.compile the networks: faster for thousands of samples, after a compilation of a minute or two")
     p.add_argument("--columns", type=int, help="grid columns (default: number of classes, or square)")
     add_common(p, "output folder")
-    p.set_defaults(run=run_sample)
 
-    p = sub.add_parser("prep", formatter_class=fmt, help="class-folder tree -> 64x64 PNGs + labels.json",
-                       description="ADM centre crop (box-downsample by 2 while the short side >= 2x the target, "
-                                   "bicubic resize, centre crop) of every image of an ImageNet-style tree "
-                                   "(one subfolder per class), into a folder or a .zip, with labels.json. "
-                                   "Parallel; a folder output resumes where it stopped.")
+    p = command(sub, "prep", run_prep, "class-folder tree -> 64x64 PNGs + labels.json",
+                "ADM centre crop (box-downsample by 2 while the short side >= 2x the target, bicubic resize, "
+                "centre crop) of every image of an ImageNet-style tree (one subfolder per class), into a folder "
+                "or a .zip, with labels.json. Parallel; a folder output resumes where it stopped.")
     p.add_argument("src", help="source tree: SRC/<class>/<image>")
     p.add_argument("out", help="output folder, or a path ending in .zip")
     p.add_argument("--resolution", type=int, default=64, help="output size")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
     add_common(p, device=False)
-    p.set_defaults(run=run_prep)
 
-    p = sub.add_parser("grid", formatter_class=fmt, help="put images side by side with titles",
-                       description="Lay out images (e.g. sample grids of several methods) left to right, "
-                                   "with a title above each; --columns wraps them into rows.")
+    p = command(sub, "grid", run_grid, "put images side by side with titles",
+                "Lay out images (e.g. sample grids of several methods) left to right, with a title above each; "
+                "--columns wraps them into rows.")
     p.add_argument("images", nargs="+", help="PNG files")
     p.add_argument("--titles", nargs="+", help="one title per image")
     p.add_argument("--columns", type=int, help="images per row (default: all in one row)")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling factor")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--force", action="store_true", help="overwrite the output")
-    p.set_defaults(run=run_grid)
 
 
 def _at_least_one(*options):

@@ -19,20 +19,16 @@ import torch
 
 from . import guidance
 from .checkpoint import refuse_existing, write_json, write_npz
-from .cli_args import DefaultsHelp, UsageError, add_common, add_guidance_options, guidance_weight
+from .cli_args import UsageError, add_common, add_guidance_options, command, family, guidance_weight
 from .seeds import parse_seeds
-
-HELP = "the 2D fractal toy: exact scores, training, sampling, metrics, figures"
 
 
 def register(sub):
-    toy = sub.add_parser("toy", help=HELP, description=HELP)
-    cmds = toy.add_subparsers(dest="toy_command", metavar="SUBCOMMAND", required=True)
-    fmt = DefaultsHelp
+    cmds = family(sub, "toy", "the 2D fractal toy: exact scores, training, sampling, metrics, figures")
 
-    p = cmds.add_parser("reproduce", formatter_class=fmt, help="train the three models, sample every method, "
-                        "measure, plot", description="The paper's toy experiment (Fig. 1-2) with exact metrics. "
-                        "Writes OUT/metrics.json, OUT/samples/<method>.npz, OUT/models/*.safetensors and figures.")
+    p = command(cmds, "reproduce", run_reproduce, "train the three models, sample every method, measure, plot",
+                "The paper's toy experiment (Fig. 1-2) with exact metrics. Writes OUT/metrics.json, "
+                "OUT/samples/<method>.npz, OUT/models/*.safetensors and figures.")
     p.add_argument("--fast", action="store_true", help="about 15x less work (CI, notebooks); same qualitative result")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
@@ -46,10 +42,9 @@ def register(sub):
     p.add_argument("--guide-weight", type=float, help="autoguidance's headline weight w (paper: 3; the sweep over w "
                    "runs either way)")
     add_common(p, "output folder (refused if it holds results, unless --force)")
-    p.set_defaults(run=run_reproduce)
 
-    p = cmds.add_parser("train", formatter_class=fmt, help="train one toy model", description="Train one toy "
-                        "model (the paper's MP MLP) and save it as safetensors with its JSON config.")
+    p = command(cmds, "train", run_train, "train one toy model",
+                "Train one toy model (the paper's MP MLP) and save it as safetensors with its JSON config.")
     p.add_argument("--classes", default="A", help="A, B or AB")
     p.add_argument("--width", type=int, default=64, help="hidden width (the paper's guide: 32)")
     p.add_argument("--depth", type=int, default=4, help="hidden layers")
@@ -58,35 +53,27 @@ def register(sub):
     p.add_argument("--loss", default="exact", help="exact (score matching against the exact score) or dsm")
     p.add_argument("--lr", type=float, default=0.01, help="reference learning rate")
     p.add_argument("--ema", type=float, default=0.010, help="power-EMA sigma_rel")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches (default 0)")
-    add_common(p, "output .safetensors file")
-    p.set_defaults(run=run_train)
+    add_common(p, "output .safetensors file", seed_help="seed of the initial weights and the batches (default 0)")
 
-    p = cmds.add_parser("sample", formatter_class=fmt, help="sample a trained model with a guidance method",
-                        description="Heun sampling from the exact class-A density at sigma_max; writes an .npz "
-                        "with array x of shape [N, 2].")
+    p = command(cmds, "sample", run_sample, "sample a trained model with a guidance method",
+                "Heun sampling from the exact class-A density at sigma_max; writes an .npz with array x of shape "
+                "[N, 2].")
     p.add_argument("main", help="main model (.safetensors from toy train)")
     add_guidance_options(p, "toy", "guide model: the weak model (autoguidance) or the AB model (cfg)")
     p.add_argument("-n", "--num", type=int, default=8192, help="number of samples")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the starting points (default 0)")
-    add_common(p, "output .npz")
-    p.set_defaults(run=run_sample)
+    add_common(p, "output .npz", seed_help="seed of the starting points (default 0)")
 
-    p = cmds.add_parser("evaluate", formatter_class=fmt, help="exact metrics of sample files",
-                        description="Mean exact log-density, outlier rate (outside 99% of the mass), branch "
-                        "coverage (total variation) and k-NN precision/recall (k=3) against class A.")
+    p = command(cmds, "evaluate", run_evaluate, "exact metrics of sample files",
+                "Mean exact log-density, outlier rate (outside 99% of the mass), branch coverage (total "
+                "variation) and k-NN precision/recall (k=3) against class A.")
     p.add_argument("samples", nargs="+", help=".npz files with an array x of shape [N, 2]")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the metrics' reference samples (default 0)")
-    add_common(p, device=False)
-    p.set_defaults(run=run_evaluate)
+    add_common(p, device=False, seed_help="seed of the metrics' reference samples (default 0)")
 
-    p = cmds.add_parser("plot", formatter_class=fmt, help="redraw the figures of a reproduce folder",
-                        description="Redraw samples.png, guide.png and sweep.png from DIR/metrics.json, "
-                        "DIR/samples and DIR/models.")
+    p = command(cmds, "plot", run_plot, "redraw the figures of a reproduce folder",
+                "Redraw samples.png, guide.png and sweep.png from DIR/metrics.json, DIR/samples and DIR/models.")
     p.add_argument("dir", help="a folder written by 'toy reproduce'")
-    p.set_defaults(run=run_plot)
 
 
 def _use_device(args):
