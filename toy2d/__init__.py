@@ -6,8 +6,8 @@ and scores. Read it in this order:
     train.py     training it against the exact score; saving and loading it
     sample.py    starting points, Heun sampling with a guidance method's denoiser, the exact metrics
 
-On top of them: reproduce.py (the paper's experiment on one seed or many), plots.py (its
-figures, drawn from arrays) and assignment_checks.py (the notebook assignments' self-checks).
+On top of them: reproduce.py (the paper's experiment on one seed or many) and plots.py (its
+figures, drawn from arrays).
 """
 from .fractal import CLASSES, GMM, gmm, tree
 
