@@ -130,7 +130,7 @@ def _check_table(tmp_path, info, fid):
     ema, sweep, _ = _check_choices(results, "_mini", rows, info["config"])
     assert ema["seeds"] == sweep["seeds"] == "0-23"
     md = (results / "fmnist_table_mini.md").read_text()
-    assert "Target (" in md and "| row | EMA_m | guide | EMA_g | w |" in md
+    assert "By classifier FD (the metric that chose the settings)" in md and "| row | EMA_m | guide | EMA_g | EMA | w | classifier FD |" in md
     ag = next(line for line in md.splitlines() if line.startswith("| autoguidance |")).split(" | ")
     assert (ag[1], ag[3]) == (f"{ema['chosen']['autoguidance']['ema_main']:g}", f"{ema['chosen']['autoguidance']['ema_guide']:g}")
     for name in ("fmnist_sweep_mini.png", "fmnist_ema_sweep_mini.png", "fmnist_side_by_side_mini.png"):
