@@ -1,11 +1,14 @@
 """The notebooks run headless in fast mode, the assignments check themselves,
-and the checkers tell right from wrong.
+grade.py grades them, and the checkers tell right from wrong.
 
 Tutorials run in order in one session-wide model cache (a fresh temporary
 folder), so notebook 04 loads the toy models that notebook 03 trained, as it
-would for a reader. Each notebook's wall time is printed (pytest -s).
+would for a reader. The assignments run through grade.py: once for the
+solutions, once for the unfilled exercises, once for planted bugs. Each wall
+time is printed (pytest -s).
 """
 import ast
+import csv
 import glob
 import json
 import os
@@ -13,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,8 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 sys.path.insert(0, os.path.join(NOTEBOOKS, "assignments"))
 import checks  # noqa: E402  (notebooks/assignments/checks.py, what the assignments import)
+import grade  # noqa: E402  (notebooks/assignments/grade.py)
 TUTORIALS = sorted(glob.glob(os.path.join(NOTEBOOKS, "[0-9]*.ipynb")))
-EXERCISES = sorted(glob.glob(os.path.join(NOTEBOOKS, "assignments", "[0-9]*.ipynb")))
+ASSIGNMENTS = os.path.join(NOTEBOOKS, "assignments")
+EXERCISES = sorted(glob.glob(os.path.join(ASSIGNMENTS, "[0-9]*.ipynb")))
 SOLUTIONS = sorted(glob.glob(os.path.join(NOTEBOOKS, "assignments", "solutions", "[0-9]*.ipynb")))
 FMNIST = os.environ.get("MINI_AUTOGUIDE_FMNIST", "/usr/share/datasets/fashion-mnist")
 TIMES = {}
@@ -69,14 +75,10 @@ def run_notebook(path, timeout=600):
     return "\n".join(text), nb
 
 
-def check_cells(nb):
-    return sum("checks.check_" in cell.source for cell in nb.cells if cell.cell_type == "code")
-
-
 # ---- committed notebooks ---------------------------------------------------------
 def test_every_notebook_is_there():
     assert [os.path.basename(p)[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05", "06"]
-    assert len(EXERCISES) >= 3
+    assert [os.path.basename(p)[:2] for p in EXERCISES] == ["01", "02", "03", "04"]
     assert [os.path.basename(p) for p in EXERCISES] == [os.path.basename(p) for p in SOLUTIONS]
 
 
@@ -274,20 +276,169 @@ def check_images(text):
 PRINTED_NUMBERS = {"02": check_fractal, "03": check_weak_guide, "04": check_zoo, "05": check_images}
 
 
-@pytest.mark.parametrize("path", SOLUTIONS, ids=os.path.basename)
-def test_solutions_pass_every_check(path, fast_env):
-    text, nb = run_notebook(path)
-    assert "HINT [" not in text, text
-    assert text.count("PASS [") == check_cells(nb) > 0
-    assert "first" not in text  # the demo cells ran (they wait for the checks to pass)
+# ---- grading the assignments (grade.py) ------------------------------------------------
+def grade_cli(*args, cwd=ROOT):
+    """Run grade.py; kernels on one thread (the toy's networks are tiny: see conftest's one_thread)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ASSIGNMENTS, "grade.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=cwd)
 
 
-@pytest.mark.parametrize("path", EXERCISES, ids=os.path.basename)
-def test_unfilled_exercises_give_hints_not_crashes(path, fast_env):
-    text, nb = run_notebook(path)  # raises if any cell crashed
-    assert "PASS [" not in text
-    assert text.count("HINT [") == check_cells(nb) > 0
-    assert text.count("is not filled in yet") == check_cells(nb)
+def graded(result, out):
+    """(JSON rows, CSV rows) a grade.py run wrote to out/g.json and out/g.csv; they must agree."""
+    with open(out / "g.json") as f:
+        rows = json.load(f)
+    with open(out / "g.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == rows
+    assert not [p for p in os.listdir(out) if p.startswith(".grade-")]   # the atomic writes left no temporary file
+    return rows
+
+
+def by_notebook(rows):
+    """{absolute path: [(exercise, result, detail)]} in the order graded."""
+    found = {}
+    for r in rows:
+        found.setdefault(os.path.abspath(os.path.join(ROOT, r["path"])), []).append((r["exercise"], r["result"], r["detail"]))
+    return found
+
+
+def exercise_names(path):
+    return grade.check_names(nbformat.read(path, as_version=4))
+
+
+@pytest.fixture(scope="module")
+def graded_solutions(fast_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graded-solutions")
+    t0 = time.perf_counter()
+    result = grade_cli(os.path.join(ASSIGNMENTS, "solutions"), "--csv", str(out / "g.csv"), "--json", str(out / "g.json"))
+    TIMES["grade.py solutions/"] = time.perf_counter() - t0
+    return result, graded(result, out)
+
+
+@pytest.fixture(scope="module")
+def graded_exercises(fast_env, tmp_path_factory):
+    """grade.py with no PATHS (the exercises), over existing output files: --force replaces them."""
+    out = tmp_path_factory.mktemp("graded-exercises")
+    (out / "g.csv").write_text("old")
+    (out / "g.json").write_text("old")
+    t0 = time.perf_counter()
+    result = grade_cli("--csv", str(out / "g.csv"), "--json", str(out / "g.json"), "--force")
+    TIMES["grade.py (the exercises)"] = time.perf_counter() - t0
+    return result, graded(result, out)
+
+
+def test_grade_passes_every_solution(graded_solutions):
+    result, rows = graded_solutions
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = by_notebook(rows)
+    assert sorted(found) == SOLUTIONS
+    for path, exercises in found.items():
+        assert [e for e, _, _ in exercises] == exercise_names(path)
+        assert all(r == "PASS" and d.startswith("PASS [") for _, r, d in exercises), exercises
+    assert f"{len(rows)} of {len(rows)} exercises pass" in result.stdout
+    assert "note:" not in result.stdout   # no cell raised, the figures after the checks included
+
+
+def test_grade_fails_the_unfilled_exercises(graded_exercises):
+    result, rows = graded_exercises
+    assert result.returncode == 1, result.stdout + result.stderr
+    found = by_notebook(rows)
+    assert sorted(found) == EXERCISES
+    assert all(not r["path"].startswith("/") for r in rows)   # the default paths, relative to where it ran
+    for path, exercises in found.items():
+        assert [e for e, _, _ in exercises] == exercise_names(path)
+        for exercise, result_, detail in exercises:
+            assert result_ == "FAIL" and detail.startswith("HINT [")   # the check ran and hinted: no crash
+            # the experiment waits for the plan and the statistic
+            assert ("sections 1 and 2 pass first" if exercise == "run_seed" else "not filled in yet") in detail
+    assert "note:" not in result.stdout and f"0 of {len(rows)} exercises pass" in result.stdout
+    assert re.search(r"(?m)^notebook +exercise +result +detail$", result.stdout)
+
+
+def _plant(tmp_path, who, edit):
+    """A copy of solution 04 in tmp_path/who/, its code cells passed through edit(source) -> source."""
+    nb = nbformat.read(os.path.join(ASSIGNMENTS, "solutions", "04_experiment.ipynb"), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.source = edit(cell.source)
+    nb.cells = [c for c in nb.cells if c.source != "DELETE"]
+    os.makedirs(tmp_path / who)
+    nbformat.write(nb, str(tmp_path / who / "04_experiment.ipynb"))
+
+
+def test_grade_finds_planted_bugs(fast_env, tmp_path):
+    subs = tmp_path / "submissions"
+    # population std (ddof=0), next to a checks.py that passes everything: the grader's checks are used
+    _plant(subs, "alice", lambda s: s.replace("std(ddof=1)", "std(ddof=0)"))
+    (subs / "alice" / "checks.py").write_text("def __getattr__(name):\n    return lambda *a, **k: print('PASS') or True\n")
+    _plant(subs, "bob", lambda s: s.replace("np.asarray(guided, dtype=np.float64) - np.asarray(unguided, dtype=np.float64)",
+                                            "np.asarray(unguided, dtype=np.float64) - np.asarray(guided, dtype=np.float64)"))
+    # a plan cell that does not parse, and the statistic's check cell deleted
+    _plant(subs, "carol", lambda s: s.replace("def my_plan():", "def my_plan(:").replace(
+        "ok_summary = checks.check_paired_summary(paired_summary)", "DELETE"))
+    nbformat.write(nbformat.v4.new_notebook(), str(subs / "carol" / "scratch.ipynb"))   # no checks: skipped
+    out = tmp_path / "out"
+    out.mkdir()
+    t0 = time.perf_counter()
+    result = grade_cli(str(subs), "--csv", str(out / "g.csv"), "--json", str(out / "g.json"))
+    TIMES["grade.py planted bugs"] = time.perf_counter() - t0
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "skipping" in result.stderr and "scratch.ipynb" in result.stderr
+    found = {os.path.basename(os.path.dirname(p)): {e: (r, d) for e, r, d in ex}
+             for p, ex in by_notebook(graded(result, out)).items()}
+    assert sorted(found) == ["alice", "bob", "carol"]
+    for who in found:
+        assert list(found[who]) == ["plan", "paired_summary", "run_seed", "report"]
+    alice, bob, carol = found["alice"], found["bob"], found["carol"]
+    assert alice["plan"][0] == "PASS" and alice["paired_summary"][0] == "FAIL" and "S - 1" in alice["paired_summary"][1]
+    assert bob["plan"][0] == "PASS" and bob["paired_summary"][0] == "FAIL" and "wrong sign" in bob["paired_summary"][1]
+    for who in (alice, bob):   # the experiment does not run before the statistic passes
+        assert who["run_seed"][0] == "FAIL" and "pass first" in who["run_seed"][1]
+    assert all(r == "FAIL" for r, _ in carol.values())
+    assert "never ran" in carol["plan"][1] and "SyntaxError" in carol["plan"][1]
+    assert "check cell is missing" in carol["paired_summary"][1]
+    assert "never ran" in carol["run_seed"][1] and "raised" in carol["run_seed"][1]
+    assert "note:" in result.stdout and "SyntaxError" in result.stdout
+
+
+def test_grade_refuses_bad_input(tmp_path):
+    (tmp_path / "junk.ipynb").write_text("not json")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken.csv").write_text("x")
+    cases = {"no such file or folder": [str(tmp_path / "missing.ipynb")],
+             "not a notebook": [str(tmp_path / "junk.ipynb")],
+             "not an assignment notebook": [TUTORIALS[0]],
+             "no notebook": [str(tmp_path / "empty")],
+             "add --force": [EXERCISES[0], "--csv", str(tmp_path / "taken.csv")],
+             "folder does not exist": [EXERCISES[0], "--json", str(tmp_path / "nowhere" / "g.json")],
+             "--timeout must be positive": [EXERCISES[0], "--timeout", "0"],
+             "unrecognized arguments": ["--bogus"]}
+    for message, args in cases.items():
+        result = grade_cli(*args)
+        assert result.returncode == 2 and result.stdout == "", (message, result)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, (message, result.stderr)
+    assert (tmp_path / "taken.csv").read_text() == "x"
+    result = grade_cli("--help")
+    assert result.returncode == 0 and "Exit status: 0 when every exercise" in result.stdout
+
+
+def test_student_copy_has_the_exercises_and_checks_and_no_solution(tmp_path):
+    script = os.path.join(ASSIGNMENTS, "make_exercises.py")
+    folder = tmp_path / "handout"
+    result = subprocess.run([sys.executable, script, "--student-copy", str(folder)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(folder))
+    assert names == sorted([os.path.basename(p) for p in EXERCISES] + ["README.md", "checks.py"])
+    assert (folder / "checks.py").read_text() == open(os.path.join(ASSIGNMENTS, "checks.py")).read()
+    for path in EXERCISES:
+        copy = nbformat.read(str(folder / os.path.basename(path)), as_version=4)
+        assert [c.source for c in copy.cells] == [c.source for c in nbformat.read(path, as_version=4).cells]
+    for name in names:
+        assert "BEGIN SOLUTION" not in (folder / name).read_text()
+    again = subprocess.run([sys.executable, script, "--student-copy", str(folder)], capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    forced = subprocess.run([sys.executable, script, "--student-copy", str(folder), "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0 and sorted(os.listdir(folder)) == names
 
 
 # ---- the checkers: right passes, wrong gets a specific hint --------------------------
@@ -404,3 +555,128 @@ def test_check_mixture_score(capsys):
     for hint, fn in wrong.items():
         ok, out = _run(checks.check_mixture_score, fn, capsys)
         assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+
+
+# ---- assignment 4's checkers ----------------------------------------------------------
+PLAN = dict(width=8, training=0.5, ema=0.05, weight=2.0, seeds=[0, 1, 2], metric="outliers")
+
+
+def test_check_plan(capsys):
+    ok, out = _run(checks.check_plan, lambda: dict(PLAN), capsys)
+    assert ok and out.startswith("PASS")
+    wrong = {"more than once": dict(seeds=[0, 1, 1]), "at least 3": dict(seeds=[0, 1]),
+             "choose one of": dict(metric="fid"), "w > 1": dict(weight=1.0),
+             "in (0, 1]": dict(training=2.0), "ema": dict(ema=0.5), "whole numbers": dict(seeds=[0, 1, -2])}
+    for hint, change in wrong.items():
+        ok, out = _run(checks.check_plan, lambda: dict(PLAN, **change), capsys)
+        assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+    ok, out = _run(checks.check_plan, lambda: {"width": 8}, capsys)
+    assert not ok and "keys" in out
+    ok, out = _run(checks.check_plan, _unfilled, capsys)
+    assert not ok and "not filled in yet" in out
+
+
+def _summary(unguided, guided, higher_is_better, ddof=1, sign=1, ties=False, wrong_way=False):
+    d = sign * (np.asarray(guided, dtype=np.float64) - np.asarray(unguided, dtype=np.float64))
+    better = (d > 0) if higher_is_better != wrong_way else (d < 0)
+    if ties:
+        better = better | (d == 0)
+    return dict(differences=d, mean=float(d.mean()), std=float(d.std(ddof=ddof)), helps=int(better.sum()))
+
+
+def test_check_paired_summary(capsys):
+    ok, out = _run(checks.check_paired_summary, _summary, capsys)
+    assert ok and out.startswith("PASS")
+    wrong = {"S - 1": lambda u, g, h: _summary(u, g, h, ddof=0),
+             "wrong sign": lambda u, g, h: _summary(u, g, h, sign=-1),
+             "difference is 0": lambda u, g, h: _summary(u, g, h, ties=True),
+             "makes the metric worse": lambda u, g, h: _summary(u, g, h, wrong_way=True),
+             "return a dict": lambda u, g, h: tuple(_summary(u, g, h).values()),
+             "expected the spread": lambda u, g, h: dict(_summary(u, g, h), std=float(np.std(g, ddof=1))),
+             "not filled in yet": _unfilled}
+    for hint, fn in wrong.items():
+        ok, out = _run(checks.check_paired_summary, fn, capsys)
+        assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+
+
+def _tiny_settings(seed):
+    """A toy run small enough for a unit test: 8 training iterations, 64 samples, 4 steps."""
+    from toy2d.reproduce import Settings
+    s = Settings.fast(seed=seed)
+    s.main = replace(s.main, width=8, iterations=8, batch=64)
+    s.guide = replace(s.guide, batch=64)
+    s.samples, s.steps = 64, 4
+    return s
+
+
+def _guide_config(settings, plan):
+    return replace(settings.config("guide"), width=plan["width"], ema_sigma_rel=plan["ema"],
+                   iterations=max(1, round(plan["training"] * settings.main.iterations)))
+
+
+def _arms(seed, main_seed=None, guided_start=None, weight=PLAN["weight"]):
+    """Both arms of a seed as run_seed should give them, or with one planted mistake."""
+    from toy2d.sample import denoiser
+    from toy2d.train import train
+    settings = _tiny_settings(seed)
+    main_config = settings.config("main") if main_seed is None else _tiny_settings(main_seed).config("main")
+    nets = dict(main=train(main_config)[0], guide=train(_guide_config(settings, PLAN))[0])
+    x0 = settings.start_points()
+    x_guided_start = x0 if guided_start is None else settings.start_points(seed=guided_start)
+    return (settings.sample(denoiser("none", nets, 1.0), x0),
+            settings.sample(denoiser("autoguidance", nets, weight), x_guided_start))
+
+
+def test_check_run_seed(capsys, one_thread):
+    def check(fn, plan=PLAN):
+        return _run(lambda f: checks.check_run_seed(f, plan, _tiny_settings, _guide_config), fn, capsys)
+    ok, out = check(_arms)
+    assert ok and out.startswith("PASS") and "seed 2" in out     # the largest seed is the one re-derived
+    wrong = {"the unguided arm matches": lambda s: _arms(s, guided_start=99),       # other starting points
+             "neither arm matches": lambda s: _arms(s, main_seed=0),                # seed 0's main model for every seed
+             "both arms are the same": lambda s: _arms(s)[:1] * 2,
+             "has shape": lambda s: tuple(x[:10] for x in _arms(s)),
+             "(x_none, x_guided)": lambda s: _arms(s)[0],
+             "not filled in yet": _unfilled}
+    for hint, fn in wrong.items():
+        ok, out = check(fn)
+        assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+    ok, out = check(_arms, plan=None)
+    assert not ok and "sections 1 and 2 pass first" in out
+
+
+def _report(metric, seeds, summary):
+    return (f"{metric}, guided - unguided over {len(seeds)} seeds: mean {summary['mean']:.4g}, "
+            f"std {summary['std']:.4g}; helps on {summary['helps']} of {len(seeds)} seeds.")
+
+
+def test_check_report(capsys):
+    mine = _summary([0.30, 0.25, 0.28], [0.20, 0.27, 0.21], False)
+    ok, out = _run(lambda f: checks.check_report(f, PLAN, mine), _report, capsys)
+    assert ok and out.startswith("PASS")
+    wrong = {"type no number": lambda m, s, su: _report(m, s, dict(su, mean=-0.0433)),            # typed once
+             "3 significant digits": lambda m, s, su: _report(m, s, su).replace(f"{su['std']:.4g}", f"{su['std']:.1g}"),
+             "a fraction, not a percentage": lambda m, s, su: _report(m, s, dict(su, mean=100 * su["mean"])),
+             "as '": lambda m, s, su: _report(m, s, su).replace(" of ", " out of "),
+             "name the metric": lambda m, s, su: _report("it", s, su),
+             "as a str": lambda m, s, su: su,
+             "not filled in yet": _unfilled}
+    for hint, fn in wrong.items():
+        ok, out = _run(lambda f: checks.check_report(f, PLAN, mine), fn, capsys)
+        assert not ok and out.startswith("HINT") and hint in out, (hint, out)
+    ok, out = _run(lambda f: checks.check_report(f, PLAN, None), _report, capsys)
+    assert not ok and "report your own" in out
+
+
+def test_checks_record_their_outcome_for_grading(tmp_path, monkeypatch, capsys):
+    record = tmp_path / "record.jsonl"
+    good = lambda m, g, w: guidance.guided(m, g, w)
+    checks.check_guided(good)
+    assert not record.exists()                          # nothing is written unless grade.py asks
+    monkeypatch.setenv(checks.RECORD_ENV, str(record))
+    checks.check_guided(good)
+    checks.check_guided(_unfilled)
+    printed = capsys.readouterr().out.splitlines()
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(r["exercise"], r["passed"]) for r in lines] == [("guided", True), ("guided", False)]
+    assert [r["line"] for r in lines] == printed[1:]    # the record holds what the student saw, and only that
