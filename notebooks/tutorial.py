@@ -75,7 +75,7 @@ def models(settings, log=print):
                 net, config = load_toy(path)
                 if _same(config, wanted):
                     nets[name] = net
-                    log(f"{name}: loaded {path}")
+                    log(f"{name}: loaded {os.path.relpath(path)}")
                     break
         else:
             log(f"{name}: training ({wanted.classes}, width {wanted.width}, {wanted.iterations} iterations, "
