@@ -406,7 +406,7 @@ def markdown(rows, info):
              "EMA column says \"sweep\" (the others keep the lengths fixed before training: EMA_m "
              f"{TRACKED['ema_main']:g}, EMA_g {TRACKED['ema_guide']:g}). So the rows are compared by classifier FD, the "
              "metric that chose them. FID and Inception P / R are measured at the same settings, which FID did not "
-             "choose: [fmnist_fid_sweep.md](fmnist_fid_sweep.md) chooses w by FID for autoguidance and CFG. Last "
+             "choose: [fmnist_fid_sweep.md](fmnist_fid_sweep.md) chooses autoguidance's w by FID. Last "
              "column: the paper's setting that the row imitates, and its FID (arXiv 2406.02507, Table 1 and Sec. 5).",
              "", "| row | EMA_m | guide | EMA_g | EMA | w | classifier FD | classifier P / R | class acc. | FID | "
              "Inception P / R | paper's setting: FID |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

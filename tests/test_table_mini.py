@@ -79,6 +79,19 @@ def test_committed_results_are_what_the_script_writes_from_their_numbers(tmp_pat
         assert os.path.getsize(f"{out}_{name}.png") > 10_000
 
 
+def test_committed_fid_sweep_is_what_its_script_writes_and_brackets_the_table_w(tmp_path):
+    fid_sweep = load_experiment("fmnist_fid_sweep")
+    points = _json(f"{RESULTS}/fmnist_fid_sweep.json")["points"]
+    assert [(q["weight"], q["seeds"]) for q in points] == fid_sweep.POINTS and all(q["n"] == 1000 for q in points)
+    fid_sweep.write_markdown(tmp_path / "sweep.md", points)
+    assert (tmp_path / "sweep.md").read_text() == open(f"{RESULTS}/fmnist_fid_sweep.md").read()
+    # the table's autoguidance w is FID's best on these seeds, with a measured w on either side
+    table_w = next(r["weight"] for r in _json(f"{RESULTS}/fmnist_table.json")["rows"] if r["row"] == "autoguidance")
+    first = sorted((q for q in points if q["seeds"] == "0-999"), key=lambda q: q["weight"])
+    best = min(first, key=lambda q: q["inception_fd"])
+    assert best["weight"] == table_w and first[0] is not best and first[-1] is not best
+
+
 def test_the_kept_model_pair_samples_the_table_autoguidance_row(tmp_path, capsys, one_thread):
     main, guide = (os.path.join(ROOT, "models", "fmnist", f"{n}.safetensors") for n in ("main", "guide"))
     row = next(r for r in _json(f"{RESULTS}/fmnist_table.json")["rows"] if r["row"] == "autoguidance")
