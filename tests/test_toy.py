@@ -15,7 +15,7 @@ from mini_autoguide.edm import exact_score_loss, learning_rate
 from mini_autoguide.mp import mp_silu
 from toy2d.model import ToyMLP
 from toy2d.sample import ToyMetrics, denoiser
-from toy2d.train import ToyConfig, load_toy, save_toy, train, train_seeds
+from toy2d.train import ToyConfig, load_toy, save_toy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # many small ops: one thread is faster on a busy CPU
 
@@ -121,31 +121,6 @@ def test_training_is_deterministic_per_seed():
     for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
-
-
-@pytest.mark.parametrize("width,loss,threads", [(64, "exact", 2), (32, "exact", 1), (32, "dsm", 1)])
-def test_train_seeds_gives_each_seed_the_bits_it_gets_alone(width, loss, threads):
-    """Seeds trained together as one batched computation, against each trained alone by train():
-    the same EMA weights and the same losses, bit for bit, at the paper's batch of 4096 points and
-    its main and guide widths (the shapes decide which matrix kernels run)."""
-    configs = [ToyConfig(width=width, loss=loss, iterations=4, seed=seed) for seed in (0, 1, 7)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        together = train_seeds(configs)
-    finally:
-        torch.set_num_threads(before)
-    for config, (net, losses) in zip(configs, together):
-        alone, alone_losses = train(config)
-        assert losses == alone_losses
-        for name, value in alone.state_dict().items():
-            assert torch.equal(net.state_dict()[name], value), name
-    assert together[0][1] != together[1][1]   # the seeds differ
-
-
-def test_train_seeds_trains_one_configuration():
-    with pytest.raises(ValueError, match="only in seed"):
-        train_seeds([ToyConfig(width=8, seed=0), ToyConfig(width=16, seed=1)])
 
 
 def test_bad_config():

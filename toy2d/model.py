@@ -10,12 +10,10 @@ and compared. Training puts a loss on the score, so the gradient is taken
 with create_graph=True and the loss backpropagates through it (autograd's
 double backward).
 """
-import math
-
 import torch
 
 from mini_autoguide.edm import SIGMA_DATA, expand
-from mini_autoguide.mp import MPConv, _unit_rows, mp_silu
+from mini_autoguide.mp import MPConv, mp_silu
 
 
 class ToyMLP(torch.nn.Module):
@@ -53,60 +51,3 @@ class ToyMLP(torch.nn.Module):
     def forward(self, x, sigma, **unused):
         """The denoiser D(x; sigma) = x + sigma^2 grad_x G. [N, 2]."""
         return x + expand(sigma, x) ** 2 * self.score(x, sigma)
-
-
-class StackedToyMLP(torch.nn.Module):
-    """S toy models of one architecture as one batched computation: the fast path that trains
-    many seeds at once (train.train_seeds). Each parameter holds the S models' tensors stacked
-    along a leading dimension, and every operation is ToyMLP's with that dimension in front. A
-    batched matrix product computes each model's product as a single one would, so each model
-    gets the same numbers, bit for bit, as its ToyMLP alone (tests/test_toy.py checks it).
-
-    x: [S, N, 2], sigma: [S, N]."""
-
-    def __init__(self, nets):
-        super().__init__()
-        self.config, self.sigma_data = dict(nets[0].config), nets[0].sigma_data
-        if any(net.config != self.config for net in nets):
-            raise ValueError("stacked models must share one architecture")
-        self.weights = torch.nn.ParameterList(
-            [torch.stack([net.layers[i].weight.detach() for net in nets]) for i in range(len(nets[0].layers))])
-        self.gain = torch.nn.Parameter(torch.stack([net.gain.detach() for net in nets]))
-
-    def logp(self, x, sigma):
-        """G(x; sigma) of each model: [S, N]."""
-        sigma = sigma[:, :, None]
-        c_in = (sigma ** 2 + self.sigma_data ** 2).rsqrt()
-        y = torch.cat([x * c_in, sigma.log() / 4, torch.ones_like(sigma)], 2)
-        for i, weight in enumerate(self.weights):
-            w = _unit_rows(weight) * (1 / math.sqrt(weight.shape[2]))   # MPConv.effective_weight
-            if i == 0:   # 4 inputs: batched, its products (and their gradients) would round differently
-                y = torch.stack([y[k] @ w[k].t() for k in range(len(w))])
-            else:
-                y = mp_silu(y) @ w.transpose(1, 2)
-        return self.gain[:, None] * y.square().mean(2) / sigma[:, :, 0] - 0.5 * (x * c_in).square().sum(2)
-
-    def score(self, x, sigma):
-        """grad_x G of each model, with its graph kept for training: [S, N, 2]."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.logp(x, sigma).sum(), x, create_graph=torch.is_grad_enabled())
-        return grad
-
-    @torch.no_grad()
-    def normalize_weights_(self):
-        """mp.normalize_weights_ for the S models at once."""
-        for weight in self.weights:
-            weight.copy_(_unit_rows(weight))
-
-    def unstack(self):
-        """The S models as ToyMLPs (eval mode, no gradients)."""
-        nets = []
-        for k in range(len(self.gain)):
-            net = ToyMLP(**self.config)
-            with torch.no_grad():
-                for layer, weight in zip(net.layers, self.weights):
-                    layer.weight.copy_(weight[k])
-                net.gain.copy_(self.gain[k])
-            nets.append(net.eval().requires_grad_(False))
-        return nets

@@ -29,7 +29,7 @@ from mini_autoguide.seeds import seed_text
 
 from . import plots
 from .sample import RHO, SIGMA_MAX, SIGMA_MIN, STEPS, ToyMetrics, denoiser, sample, start_points
-from .train import ToyConfig, load_toy, save_toy, train, train_seeds
+from .train import ToyConfig, load_toy, save_toy, train
 
 MODELS = ("main", "guide", "uncond")
 # metric -> +1 where higher is better, -1 where lower is better
@@ -120,17 +120,15 @@ def obtain(settings, name, outdir=None, progress=False, log=print):
 
 
 # ---- one run -------------------------------------------------------------------
-def reproduce(outdir, settings, progress=False, figures=True, log=print, train_seconds=None):
+def reproduce(outdir, settings, progress=False, figures=True, log=print):
     """Train the three models, sample every method and the sweeps from the
     same starting points, measure them exactly; write metrics.json, samples/
-    and the figures to outdir. Returns the report (metrics.json's content).
-    train_seconds: {model: seconds} of models trained beforehand into outdir/models."""
+    and the figures to outdir. Returns the report (metrics.json's content)."""
     t_start = time.perf_counter()
     os.makedirs(outdir, exist_ok=True)
 
     # 1. the models: main, the autoguidance guide, the CFG "unconditional" model
-    nets, train_seconds = {}, dict(train_seconds or {})
-    trained_before = sum(train_seconds.values())
+    nets, train_seconds = {}, {}
     for name in MODELS:
         nets[name], seconds = obtain(settings, name, outdir, progress, log)
         if seconds is not None:
@@ -178,7 +176,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print, train_s
     if figures:
         draw(outdir, nets, samples, report, settings)
         seconds["figures"] = time.perf_counter() - t_sampled
-    seconds["total"] = total = time.perf_counter() - t_start + trained_before   # with training done beforehand
+    seconds["total"] = total = time.perf_counter() - t_start
     write_json(os.path.join(outdir, "metrics.json"), report)
     log(format_table(report))
     log(f"total {total:.1f}s; wrote {outdir}/metrics.json, samples/, figures")
@@ -228,50 +226,25 @@ def reproduce_seeds(outdir, seeds, make_settings, progress=False, figures=True, 
     """Run (or read back) reproduce for every seed; write DIR/summary.json and the seeds figure.
 
     make_settings(seed) -> Settings. Returns the summary."""
-    reports, todo = {}, []
-    for seed in seeds:
+    reports = {}
+    for i, seed in enumerate(seeds):
         path = os.path.join(seed_dir(outdir, seed), "metrics.json")
-        if not os.path.isfile(path):
-            todo.append(seed)
+        settings = make_settings(seed)
+        if os.path.isfile(path):
+            with open(path) as f:
+                reports[seed] = json.load(f)
+            if reports[seed]["settings"] != settings.to_json():
+                raise ValueError(f"{path} was made with other settings than this run's: use another --out")
+            log(f"seed {seed}: read back {path}")
             continue
-        with open(path) as f:
-            reports[seed] = json.load(f)
-        if reports[seed]["settings"] != make_settings(seed).to_json():
-            raise ValueError(f"{path} was made with other settings than this run's: use another --out")
-        log(f"seed {seed}: read back {path}")
-    train_seconds = train_together(outdir, [make_settings(seed) for seed in todo], progress, log)
-    for i, seed in enumerate(todo):
-        log(f"seed {seed} ({i + 1} of {len(todo)} to run)")
-        reports[seed] = reproduce(seed_dir(outdir, seed), make_settings(seed), progress=progress, figures=figures,
-                                  log=log, train_seconds=train_seconds[seed])
+        log(f"seed {seed} ({i + 1} of {len(seeds)})")
+        reports[seed] = reproduce(seed_dir(outdir, seed), settings, progress=progress, figures=figures, log=log)
     summary = summarize(reports)
     write_json(os.path.join(outdir, "summary.json"), summary)
     if figures:
         plots.seeds_figure(os.path.join(outdir, "seeds.png"), [point(summary, m) for m in plots.ORDER])
     log(format_summary(summary))
     return summary
-
-
-def train_together(outdir, runs, progress=False, log=print):
-    """Train each model that the runs (a list of Settings) lack, all seeds of a model at once
-    (train.train_seeds: each seed gets the bits it gets alone), into each run's DIR/seed-<k>/models/.
-    Returns {seed: {model: seconds}}, each seed's equal share of the batched time."""
-    seconds = {run.seed: {} for run in runs}
-    for name in MODELS:
-        missing = [run for run in runs
-                   if not os.path.exists(os.path.join(seed_dir(outdir, run.seed), "models", f"{name}.safetensors"))]
-        if len(missing) < 2:   # one seed alone trains in reproduce, as a single run does
-            continue
-        configs = [run.config(name) for run in missing]
-        t0 = time.perf_counter()
-        trained = train_seeds(configs, progress=progress)
-        share = (time.perf_counter() - t0) / len(missing)
-        for run, config, (net, _) in zip(missing, configs, trained):
-            save_toy(os.path.join(seed_dir(outdir, run.seed), "models", f"{name}.safetensors"), net, config)
-            seconds[run.seed][name] = share
-        log(f"trained {name} for seeds {seed_text([run.seed for run in missing])} together "
-            f"in {share * len(missing):.1f}s ({share / configs[0].iterations * 1e3:.1f} ms/it a seed)")
-    return seconds
 
 
 def summarize(reports):

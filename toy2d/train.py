@@ -5,7 +5,7 @@ class, noised, with the exact score of the noised density as the target.
 Denoising score matching (EDM weighting) is the alternative that only needs
 samples, as for images.
 """
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,7 +16,7 @@ from mini_autoguide.mp import normalize_weights_
 from mini_autoguide.progress import progress_bar
 
 from .fractal import CLASSES, gmm as make_gmm
-from .model import StackedToyMLP, ToyMLP
+from .model import ToyMLP
 
 LOSSES = ("exact", "dsm")
 MODEL_KIND = "toy2d-mlp"   # what a saved toy model's header says it is
@@ -73,7 +73,10 @@ def train(config, progress=False, callback=None):
     losses = []
     bar = progress_bar(config.iterations, f"toy {config.classes} w{config.width}", "it", enabled=progress)
     for t in range(1, config.iterations + 1):
-        y, sigma, x = noisy_batch(target, config, gen)
+        # a fresh batch of the class, noised at sigma ~ lognormal(P_mean, P_std)
+        y = target.sample(config.batch, generator=gen)                                      # [B, 2]
+        sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=gen)      # [B]
+        x = y + sigma[:, None] * torch.randn(y.shape, generator=gen)                        # [B, 2]
         if config.loss == "exact":   # sigma^2 |grad log p(x; sigma) - grad G(x; sigma)|^2
             loss = exact_score_loss(net.score(x, sigma), target.score(x, sigma), sigma)
         else:
@@ -95,66 +98,6 @@ def train(config, progress=False, callback=None):
             bar.set_postfix(loss=f"{sum(losses[-64:]) / 64:.4f}")
     bar.close()
     return ema.nets[0].eval(), losses
-
-
-def noisy_batch(target, config, gen):
-    """A fresh batch of the class, noised at sigma ~ lognormal(P_mean, P_std):
-    clean y [B, 2], sigma [B], noisy x [B, 2]."""
-    y = target.sample(config.batch, generator=gen)
-    sigma = sample_sigma(config.batch, config.p_mean, config.p_std, generator=gen)
-    x = y + sigma[:, None] * torch.randn(y.shape, generator=gen)
-    return y, sigma, x
-
-
-def train_seeds(configs, progress=False):
-    """train() for several seeds of one configuration at once: the fast path for studies over seeds.
-
-    The S models are stacked (model.StackedToyMLP) and trained as one batched computation: one
-    exact target over all S batches, one batched network, one Adam over the stacked parameters.
-    Each seed draws its weights and batches as train() does, and every operation acts on each
-    seed's slice as it would alone, so each seed gets the same bits as train(config) gives it
-    (tests/test_toy.py checks it). Returns [(EMA net in eval mode, losses)] in the order of configs.
-    """
-    configs = [c.check() for c in configs]
-    config = configs[0]
-    if any(replace(c, seed=0) != replace(config, seed=0) for c in configs):
-        raise ValueError("train_seeds trains one configuration: the configs may differ only in seed")
-    nets = []
-    for c in configs:
-        torch.manual_seed(c.seed)
-        nets.append(ToyMLP(c.width, c.depth))
-        normalize_weights_(nets[-1])
-    net = StackedToyMLP(nets).train()
-    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
-    target = make_gmm(config.classes)
-    ema = PowerEMA(net, [config.ema_sigma_rel])
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), fused=True)
-    losses = [[] for _ in configs]
-    bar = progress_bar(config.iterations, f"toy {config.classes} w{config.width} x{len(configs)} seeds", "it",
-                       enabled=progress)
-    for t in range(1, config.iterations + 1):
-        y, sigma, x = (torch.stack(v) for v in zip(*[noisy_batch(target, config, gen) for gen in gens]))
-        if config.loss == "exact":
-            s_true = target.score(x.flatten(0, 1), sigma.flatten()).view(x.shape)
-            score = net.score(x, sigma)
-            loss = [exact_score_loss(score[k], s_true[k], sigma[k]) for k in range(len(configs))]
-        else:
-            denoised = x + sigma[:, :, None] ** 2 * net.score(x, sigma)
-            loss = [denoising_loss(denoised[k], y[k], sigma[k]) for k in range(len(configs))]
-        if not all(torch.isfinite(v) for v in loss):
-            raise FloatingPointError(f"non-finite loss at iteration {t}")
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(t, 1, config.lr, config.lr_ref_iter)
-        opt.zero_grad(set_to_none=True)
-        sum(loss).backward()   # the sum's gradient is 1 for every seed's loss: each seed trains as alone
-        opt.step()
-        ema.update(net, t)
-        net.normalize_weights_()
-        for k, v in enumerate(loss):
-            losses[k].append(v.item())
-        bar.update(1)
-    bar.close()
-    return list(zip(ema.nets[0].unstack(), losses))
 
 
 def save_toy(path, net, config):
