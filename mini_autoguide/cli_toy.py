@@ -36,6 +36,10 @@ def register(sub):
                    "seed's run, OUT/summary.json each metric's per-seed values, mean, std, min and max, OUT/seeds.png "
                    "each seed's outcome; seeds already finished in OUT are read back, not rerun, so an interrupted study "
                    "resumes and a finished one grows (0-9 after 0-4)")
+    p.add_argument("--guide-recipe", default="separate", metavar="NAME[:VALUE]",
+                   help="which weaker model guides the main one (default: separate): "
+                   + "; ".join(f"{usage} = {text}" for usage, _, text in guidance.GUIDE_RECIPES.values())
+                   + " (more in toy2d/guides.py)")
     p.add_argument("--guide-width", type=int, help="the autoguidance guide's hidden width (paper: 32)")
     p.add_argument("--guide-iterations", type=int, help="the guide's training iterations (paper: 512)")
     p.add_argument("--guide-ema", type=float, help="the guide's power-EMA length sigma_rel (paper: 0.010)")
@@ -86,11 +90,12 @@ def _use_device(args):
 
 
 def run_reproduce(args):
+    from toy2d import guides
     from toy2d.reproduce import Settings, reproduce, reproduce_seeds, seed_dir
     _use_device(args)
     if os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file")
-    recipe = {k: v for k, v in (("width", args.guide_width), ("iterations", args.guide_iterations),
+    separate_guide = {k: v for k, v in (("width", args.guide_width), ("iterations", args.guide_iterations),
                                 ("ema_sigma_rel", args.guide_ema)) if v is not None}
     if args.guide_weight is not None:
         try:
@@ -101,7 +106,14 @@ def run_reproduce(args):
 
     def make_settings(seed):
         settings = Settings.fast(seed) if args.fast else Settings(seed=seed)
-        settings.guide = replace(settings.guide, **recipe).check()
+        settings.guide = replace(settings.guide, **separate_guide).check()
+        try:
+            settings.guide_recipe = guides.check(args.guide_recipe, settings.main)
+        except ValueError as e:
+            raise UsageError(f"--guide-recipe: {e}") from None
+        if separate_guide and guidance.parse_recipe(args.guide_recipe)[0] != "separate":
+            raise UsageError("--guide-width, --guide-iterations and --guide-ema shape the separate guide: "
+                             f"drop them or use --guide-recipe separate, not {args.guide_recipe}")
         if args.guide_weight is not None:
             settings.weights = dict(settings.weights, autoguidance=args.guide_weight)
         return settings

@@ -39,6 +39,38 @@ def check_method(method):
     return method
 
 
+# The one list of guide recipes: which weaker model guides the main one. The paper trains a
+# separate guide; follow-up work makes it from the main model. Each is written as its usage says;
+# the toy builds them (toy2d/guides.py). name -> (usage, the type of its value or None, what it is).
+GUIDE_RECIPES = {
+    "separate": ("separate", None, "a separate guide, smaller and trained less (the paper's)"),
+    "snapshot": ("snapshot:K", int, "the main model's own run stopped at iteration K"),
+    "ema": ("ema:S", float, "the main model's run under power-EMA length sigma_rel S"),
+    "skip": ("skip:K", int, "the main network with hidden layer K skipped"),
+    "sigma": ("sigma:F", float, "the main network read at F times the noise level, F > 1"),
+}
+
+
+def parse_recipe(recipe):
+    """'NAME' or 'NAME:VALUE' -> (name, value or None), against GUIDE_RECIPES; ValueError with the reason."""
+    name, _, text = str(recipe).partition(":")
+    if name not in GUIDE_RECIPES:
+        raise ValueError(f"unknown guide recipe {name!r}: choose one of {', '.join(GUIDE_RECIPES)}")
+    usage, kind, _ = GUIDE_RECIPES[name]
+    if kind is None:
+        if text:
+            raise ValueError(f"guide recipe {name!r} takes no value, got {recipe!r}")
+        return name, None
+    try:
+        value = kind(text)
+        if not math.isfinite(value):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"guide recipe {name!r} needs a finite {kind.__name__} value ({usage}), "
+                         f"got {recipe!r}") from None
+    return name, value
+
+
 def check_weight(weight):
     weight = float(weight)
     if not math.isfinite(weight):

@@ -6,8 +6,9 @@ and scores. Read it in this order:
     train.py     training it against the exact score; saving and loading it
     sample.py    starting points, Heun sampling with a guidance method's denoiser, the exact metrics
 
-On top of them: reproduce.py (the paper's experiment on one seed or many) and plots.py (its
-figures, drawn from arrays).
+On top of them: guides.py (the guide recipes: which weaker model guides the main one),
+reproduce.py (the paper's experiment on one seed or many) and plots.py (its figures, drawn from
+arrays).
 """
 from .fractal import CLASSES, GMM, gmm, tree
 

@@ -26,16 +26,34 @@ class ToyMLP(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             [MPConv(dim + 2, width)] + [MPConv(width, width) for _ in range(depth)])
         self.gain = torch.nn.Parameter(torch.zeros([]))
+        self.skip, self.sigma_scale = (), 1.0   # set by weakened(), for guides made without training
 
     def logp(self, x, sigma):
         """G(x; sigma), an unnormalised log-density. [N]."""
         sigma = expand(sigma, x[:, :1]).expand(x.shape[0], 1)
+        if self.sigma_scale != 1:
+            sigma = sigma * self.sigma_scale
         c_in = (sigma ** 2 + self.sigma_data ** 2).rsqrt()
         y = torch.cat([x * c_in, sigma.log() / 4, torch.ones_like(sigma)], 1)
         y = self.layers[0](y)
-        for layer in self.layers[1:]:
-            y = layer(mp_silu(y))
+        for i, layer in enumerate(self.layers[1:], 1):
+            if i not in self.skip:
+                y = layer(mp_silu(y))
         return self.gain * y.square().mean(1) / sigma[:, 0] - 0.5 * (x * c_in).square().sum(1)
+
+    def weakened(self, skip=(), sigma_scale=1.0):
+        """A weaker version of this network, made without training, as a guide: a copy of it
+        that skips hidden layers `skip` (each a number in 1..depth; S²-Guidance,
+        arXiv 2508.12880, drops blocks), and reads its log-density at the noisier level
+        sigma_scale * sigma (self-guidance, arXiv 2412.05827, Sec. 3): G'(x; sigma) = G(x; s sigma)."""
+        if any(not 1 <= i < len(self.layers) for i in skip):
+            raise ValueError(f"hidden layers are numbered 1 to {len(self.layers) - 1}, got {tuple(skip)}")
+        if not sigma_scale > 0:
+            raise ValueError(f"the sigma scale must be positive, got {sigma_scale}")
+        weak = ToyMLP(**self.config)
+        weak.load_state_dict(self.state_dict())
+        weak.skip, weak.sigma_scale = tuple(skip), float(sigma_scale)
+        return weak.train(self.training).requires_grad_(False)
 
     def score(self, x, sigma, create_graph=None):
         """grad_x G by autograd: [N, 2]. create_graph (default: in training

@@ -27,7 +27,7 @@ from mini_autoguide.checkpoint import CheckpointError, write_json, write_npz
 from mini_autoguide.guidance import METHODS
 from mini_autoguide.seeds import seed_text
 
-from . import plots
+from . import guides, plots
 from .sample import RHO, SIGMA_MAX, SIGMA_MIN, STEPS, ToyMetrics, denoiser, sample, start_points
 from .train import ToyConfig, load_toy, save_toy, train
 
@@ -54,6 +54,7 @@ class Settings:
         cfg=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
         truncation=[1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 2.0]))
     seed: int = 0
+    guide_recipe: str = "separate"   # which weaker model guides main (guides.RECIPES)
 
     @classmethod
     def fast(cls, seed=0):
@@ -81,8 +82,12 @@ class Settings:
         return json.loads(json.dumps(asdict(self)))
 
     def config(self, name):
-        """The ToyConfig of model "main", "guide" or "uncond", seeded for this run."""
-        return replace(getattr(self, name), seed=self.seed * 10 + MODELS.index(name))
+        """The ToyConfig of model "main", "guide" or "uncond", seeded for this run; for "guide",
+        the one its recipe trains, or None when the recipe makes it from main without training."""
+        seeded = replace(getattr(self, name), seed=self.seed * 10 + MODELS.index(name))
+        if name != "guide":
+            return seeded
+        return guides.guide_config(self.guide_recipe, self.config("main"), seeded)
 
     def start_points(self, n=None, seed=None):
         """The run's starting points, the same for every method (seed: another draw). [n, 2]"""
@@ -130,6 +135,9 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     # 1. the models: main, the autoguidance guide, the CFG "unconditional" model
     nets, train_seconds = {}, {}
     for name in MODELS:
+        if settings.config(name) is None:   # a guide made from main, without training
+            nets[name] = guides.weakened(settings.guide_recipe, nets["main"])
+            continue
         nets[name], seconds = obtain(settings, name, outdir, progress, log)
         if seconds is not None:
             train_seconds[name] = seconds
@@ -233,7 +241,7 @@ def reproduce_seeds(outdir, seeds, make_settings, progress=False, figures=True, 
         if os.path.isfile(path):
             with open(path) as f:
                 reports[seed] = json.load(f)
-            if reports[seed]["settings"] != settings.to_json():
+            if Settings.from_json(reports[seed]["settings"]) != settings:
                 raise ValueError(f"{path} was made with other settings than this run's: use another --out")
             log(f"seed {seed}: read back {path}")
             continue

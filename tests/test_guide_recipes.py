@@ -1,0 +1,165 @@
+"""Guide recipes (mini_autoguide.guidance.GUIDE_RECIPES, toy2d/guides.py): each builds the guide it
+names, exactly, and a bad recipe is refused with one line and exit 2 before anything runs."""
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mini_autoguide import guidance
+from mini_autoguide.cli import main
+from mini_autoguide.ema import PowerEMA
+from mini_autoguide.mp import mp_silu
+from toy2d import guides, reproduce as toy
+from toy2d.model import ToyMLP
+from toy2d.train import ToyConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MAIN = ToyConfig(width=16, iterations=6, batch=128, seed=3)
+
+
+def _points(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g), torch.exp(torch.randn(n, generator=g) - 1)
+
+
+@pytest.mark.parametrize("text,parsed", [("separate", ("separate", None)), ("snapshot:512", ("snapshot", 512)),
+                                         ("ema:0.05", ("ema", 0.05)), ("skip:2", ("skip", 2)),
+                                         ("sigma:1.5", ("sigma", 1.5))])
+def test_recipes_parse(text, parsed):
+    assert guidance.parse_recipe(text) == parsed
+
+
+@pytest.mark.parametrize("text,message", [
+    ("dropout", "unknown guide recipe 'dropout'"), ("separate:3", "takes no value"),
+    ("snapshot", "needs a finite int value (snapshot:K)"), ("snapshot:1.5", "needs a finite int"),
+    ("sigma:nan", "needs a finite float"), ("sigma:inf", "needs a finite float"),
+    ("snapshot:0", "1 <= K < the main model's 6"), ("snapshot:6", "1 <= K < the main model's 6"),
+    ("ema:0.3", "sigma_rel must be in"), ("ema:0.01", "is the main model itself"),
+    ("skip:0", "1 <= K <= 4"), ("skip:5", "1 <= K <= 4"), ("sigma:1", "F > 1")])
+def test_bad_recipes_are_refused(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        guides.check(text, MAIN)
+
+
+@pytest.mark.parametrize("text", ["separate", "snapshot:1", "snapshot:5", "ema:0.2", "skip:1", "skip:4", "sigma:1.01"])
+def test_recipes_at_their_limits_are_accepted(text):
+    assert guides.check(text, MAIN) == text
+
+
+def test_snapshot_and_ema_recipes_are_the_main_run_stopped_early_or_averaged_otherwise():
+    # Tracked during the main model's own run (its training network after each of Adam's steps),
+    # the EMA at iteration K and a second EMA length equal the guides the recipes train, bit for bit.
+    net0 = ToyMLP(MAIN.width)
+    ema_main, ema_other, kept = None, None, {}
+
+    def callback(t, net):
+        nonlocal ema_main, ema_other
+        if t == 1:
+            ema_main, ema_other = PowerEMA(net0, [MAIN.ema_sigma_rel]), PowerEMA(net0, [0.05])
+        for ema in (ema_main, ema_other):
+            ema.update(net, t)
+        if t == 4:
+            kept["snapshot"] = copy.deepcopy(ema_main.nets[0])
+    main_net, _ = train(MAIN, callback=callback)
+    # The callback's EMA starts from a fresh network, so it must be seeded as train() seeds its own:
+    # both take their first update with weight 1 (beta_1 = 0), which erases the starting point.
+    assert all(torch.equal(a, b) for a, b in zip(ema_main.nets[0].parameters(), main_net.parameters()))
+    for recipe, tracked in (("snapshot:4", kept["snapshot"]), ("ema:0.05", ema_other.nets[0])):
+        config = guides.guide_config(recipe, MAIN, separate=None)
+        guide, _ = train(config)
+        for a, b in zip(guide.parameters(), tracked.parameters()):
+            assert torch.equal(a, b), recipe
+
+
+def _net(seed):
+    """A width-16 toy network whose output is not the prior alone (gain 0.7, not 0)."""
+    torch.manual_seed(seed)
+    net = ToyMLP(16).eval()
+    with torch.no_grad():
+        net.gain.fill_(0.7)
+    return net
+
+
+def test_skip_recipe_is_the_main_network_without_one_hidden_layer():
+    net = _net(0)
+    weak = guides.weakened("skip:2", net)
+    x, sigma = _points()
+    # written out: the input layer, hidden layers 1, 3 and 4 (2 skipped), the log-density
+    s = sigma[:, None]
+    c_in = (s ** 2 + 0.25).rsqrt()
+    y = torch.cat([x * c_in, s.log() / 4, torch.ones_like(s)], 1) @ net.layers[0].effective_weight().t()
+    for k in (1, 3, 4):
+        y = mp_silu(y) @ net.layers[k].effective_weight().t()
+    expected = 0.7 * y.square().mean(1) / sigma - 0.5 * (x * c_in).square().sum(1)
+    assert torch.allclose(weak.logp(x, sigma), expected, rtol=1e-5, atol=1e-5)   # float32, a few ulps
+    assert not torch.allclose(net.logp(x, sigma), expected, rtol=1e-3)
+    assert weak.skip == (2,) and net.skip == ()   # the main network is untouched
+
+
+def test_sigma_recipe_is_the_main_density_at_a_noisier_level():
+    net = _net(1)
+    weak = guides.weakened("sigma:1.5", net)
+    x, sigma = _points()
+    assert torch.equal(weak.logp(x, sigma), net.logp(x, sigma * 1.5))
+    assert torch.equal(weak.score(x, sigma), net.score(x, sigma * 1.5))
+    d = weak(x, sigma)   # the denoiser: x + sigma^2 times the guide's score, at the run's own sigma
+    assert torch.allclose(d, x + sigma[:, None] ** 2 * net.score(x, sigma * 1.5), rtol=0, atol=1e-6)
+
+
+def _tiny(seed, recipe):
+    s = toy.Settings(seed=seed, guide_recipe=recipe)
+    small = dict(width=8, iterations=4, batch=64)
+    s.main, s.guide, s.uncond = (replace(c, **small) for c in (s.main, s.guide, s.uncond))
+    s.samples, s.steps = 256, 3
+    s.sweep = dict(autoguidance=[1.0, 2.0], cfg=[1.0], truncation=[1.2])
+    s.weights = dict(none=1.0, cfg=2.0, autoguidance=2.0, truncation=1.2)
+    return s
+
+
+@pytest.mark.parametrize("recipe,trains", [("snapshot:2", True), ("ema:0.05", True), ("skip:3", False),
+                                           ("sigma:2", False)])
+def test_reproduce_with_each_recipe(tmp_path, recipe, trains):
+    report = toy.reproduce(str(tmp_path), _tiny(0, recipe), figures=False, log=lambda *a: None)
+    assert report["settings"]["guide_recipe"] == recipe
+    assert (tmp_path / "models" / "guide.safetensors").exists() == trains
+    guided, plain = (np.load(tmp_path / "samples" / f"{m}.npz")["x"] for m in ("autoguidance", "none"))
+    assert not np.array_equal(guided, plain)   # the guide acted
+    # the same main model as with the paper's guide: only the guide changed
+    separate = toy.reproduce(str(tmp_path / "separate"), _tiny(0, "separate"), figures=False, log=lambda *a: None)
+    unguided = [{k: v for k, v in r["methods"]["none"].items() if k != "seconds"} for r in (report, separate)]
+    assert unguided[0] == unguided[1]
+
+
+def test_a_study_of_another_recipe_is_refused(tmp_path):
+    toy.reproduce_seeds(str(tmp_path), [0], lambda s: _tiny(s, "skip:1"), figures=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="other settings"):
+        toy.reproduce_seeds(str(tmp_path), [0], lambda s: _tiny(s, "skip:2"), figures=False, log=lambda *a: None)
+    old = json.loads((tmp_path / "seed-0" / "metrics.json").read_text())
+    del old["settings"]["guide_recipe"]   # written before recipes existed: the paper's separate guide
+    assert toy.Settings.from_json(old["settings"]).guide_recipe == "separate"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--guide-recipe", "dropout:0.1"], "--guide-recipe: unknown guide recipe 'dropout'"),
+    (["--guide-recipe", "skip:9"], "--guide-recipe: skip:K needs a hidden layer 1 <= K <= 4, got 9"),
+    (["--guide-recipe", "sigma:0.5"], "--guide-recipe: sigma:F needs F > 1"),
+    (["--guide-recipe", "snapshot:4096"], "--guide-recipe: snapshot:K needs 1 <= K < the main model's 4096"),
+    (["--guide-recipe", "skip:1", "--guide-width", "16"], "shape the separate guide"),
+])
+def test_cli_refuses_bad_recipes_with_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["toy", "reproduce", "--out", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_recipe_reaches_the_run(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(toy, "reproduce", lambda outdir, settings, **kw: seen.setdefault("s", settings))
+    assert main(["toy", "reproduce", "--out", str(tmp_path / "r"), "--guide-recipe", "ema:0.05", "--quiet"]) == 0
+    s = seen["s"]
+    assert s.guide_recipe == "ema:0.05" and s.config("guide") == replace(s.config("main"), ema_sigma_rel=0.05)

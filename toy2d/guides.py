@@ -1,0 +1,62 @@
+"""Guide recipes: which weaker model guides the main one (autoguidance, arXiv 2406.02507, Sec. 3).
+
+The paper trains a separate guide, smaller and trained less than the main model. Follow-up work
+makes the guide from the main model itself. A recipe is a short name and its parameter, written
+NAME or NAME:VALUE (mini_autoguide.guidance.GUIDE_RECIPES; toy reproduce --guide-recipe):
+
+    separate      the paper's guide: a separate, smaller model trained less (its width, length and
+                  EMA are Settings.guide: toy reproduce --guide-width, --guide-iterations, --guide-ema)
+    snapshot:K    the main model's own run stopped at iteration K: its EMA there. The learning rate
+                  and the power EMA do not depend on the run's length, so training the main model's
+                  configuration for K iterations gives exactly that snapshot.
+    ema:S         the main model's run averaged with another power-EMA length sigma_rel S
+                  (EDM2, arXiv 2312.02696, Sec. 3.1). The EMA does not change the training, so
+                  training the main model's configuration with EMA length S gives exactly that average.
+    skip:K        the main network with hidden layer K (1..depth) skipped: no training
+                  (S²-Guidance, arXiv 2508.12880, drops blocks; diffusers' AutoGuidance skips layers)
+    sigma:F       the main network's log-density read at F times the noise level, F > 1: no
+                  training (self-guidance, arXiv 2412.05827)
+"""
+from dataclasses import replace
+
+from mini_autoguide.ema import sigma_rel_to_gamma
+from mini_autoguide.guidance import parse_recipe
+
+
+def check(recipe, main):
+    """Refuse a recipe that does not fit the main model's ToyConfig `main`: ValueError."""
+    name, value = parse_recipe(recipe)
+    if name == "snapshot" and not 1 <= value < main.iterations:
+        raise ValueError(f"snapshot:K needs 1 <= K < the main model's {main.iterations} iterations, got {value}")
+    if name == "ema":
+        sigma_rel_to_gamma(value)   # ValueError outside (0, 0.2887)
+        if value == main.ema_sigma_rel:
+            raise ValueError(f"ema:S with the main model's own sigma_rel {value} is the main model itself")
+    if name == "skip" and not 1 <= value <= main.depth:
+        raise ValueError(f"skip:K needs a hidden layer 1 <= K <= {main.depth}, got {value}")
+    if name == "sigma" and not value > 1:
+        raise ValueError(f"sigma:F needs F > 1 (a noisier level), got {value}")
+    return recipe
+
+
+def guide_config(recipe, main, separate):
+    """The ToyConfig of the guide to train, or None when the recipe trains nothing.
+    main: the main model's ToyConfig (with its seed); separate: the separate guide's."""
+    name, value = parse_recipe(recipe)
+    if name == "separate":
+        return separate
+    if name == "snapshot":
+        return replace(main, iterations=value)
+    if name == "ema":
+        return replace(main, ema_sigma_rel=value)
+    return None
+
+
+def weakened(recipe, main_net):
+    """The guide of a recipe that trains nothing, made from the main network (ToyMLP)."""
+    name, value = parse_recipe(recipe)
+    if name == "skip":
+        return main_net.weakened(skip=(value,))
+    if name == "sigma":
+        return main_net.weakened(sigma_scale=value)
+    raise ValueError(f"guide recipe {name!r} trains its guide")
