@@ -12,6 +12,7 @@ from mini_autoguide import guidance
 from mini_autoguide.cli import main
 from mini_autoguide.ema import PowerEMA
 from mini_autoguide.mp import mp_silu
+from script_loader import load_experiment
 from toy2d import guides, reproduce as toy
 from toy2d.model import ToyMLP
 from toy2d.train import ToyConfig, train
@@ -119,16 +120,22 @@ def _tiny(seed, recipe):
     return s
 
 
+@pytest.fixture(scope="module")
+def separate(tmp_path_factory):
+    """The tiny run with the paper's separate guide, that each recipe's run is compared with."""
+    return toy.reproduce(str(tmp_path_factory.mktemp("separate")), _tiny(0, "separate"), figures=False,
+                         log=lambda *a: None)
+
+
 @pytest.mark.parametrize("recipe,trains", [("snapshot:2", True), ("ema:0.05", True), ("skip:3", False),
                                            ("sigma:2", False)])
-def test_reproduce_with_each_recipe(tmp_path, recipe, trains):
+def test_reproduce_with_each_recipe(tmp_path, separate, recipe, trains):
     report = toy.reproduce(str(tmp_path), _tiny(0, recipe), figures=False, log=lambda *a: None)
     assert report["settings"]["guide_recipe"] == recipe
     assert (tmp_path / "models" / "guide.safetensors").exists() == trains
     guided, plain = (np.load(tmp_path / "samples" / f"{m}.npz")["x"] for m in ("autoguidance", "none"))
     assert not np.array_equal(guided, plain)   # the guide acted
     # the same main model as with the paper's guide: only the guide changed
-    separate = toy.reproduce(str(tmp_path / "separate"), _tiny(0, "separate"), figures=False, log=lambda *a: None)
     unguided = [{k: v for k, v in r["methods"]["none"].items() if k != "seconds"} for r in (report, separate)]
     assert unguided[0] == unguided[1]
 
@@ -163,3 +170,20 @@ def test_cli_recipe_reaches_the_run(tmp_path, monkeypatch):
     assert main(["toy", "reproduce", "--out", str(tmp_path / "r"), "--guide-recipe", "ema:0.05", "--quiet"]) == 0
     s = seen["s"]
     assert s.guide_recipe == "ema:0.05" and s.config("guide") == replace(s.config("main"), ema_sigma_rel=0.05)
+
+
+def test_the_recipe_study_pairs_every_recipe_on_the_same_main_models(tmp_path, monkeypatch):
+    study = load_experiment("toy_recipes")
+    recipes = ("separate", "skip:1", "sigma:2")
+    study.run(str(tmp_path), [0], recipes, make_settings=lambda seed: _tiny(seed, "separate"), log=lambda *a: None)
+    summaries = {r: json.loads((tmp_path / study.folder(r) / "summary.json").read_text()) for r in recipes}
+    for recipe in recipes[1:]:
+        for name in ("none", "cfg", "truncation"):   # the same main and unconditional models: the same bits
+            assert toy.point(summaries[recipe], name) == toy.point(summaries["separate"], name)
+        assert toy.point(summaries[recipe], "autoguidance") != toy.point(summaries["separate"], "autoguidance")
+        trained = json.loads((tmp_path / study.folder(recipe) / "seed-0" / "metrics.json").read_text())["seconds"]["train"]
+        assert "main" not in trained and "uncond" not in trained   # shared, not trained again
+    assert sorted(json.loads((tmp_path / "seconds.json").read_text())) == sorted(recipes)
+    # resumed: nothing runs again
+    monkeypatch.setattr(toy, "reproduce", lambda *a, **k: pytest.fail("a finished seed ran again"))
+    study.run(str(tmp_path), [0], recipes, make_settings=lambda seed: _tiny(seed, "separate"), log=lambda *a: None)

@@ -45,7 +45,7 @@ class ToyMLP(torch.nn.Module):
         """A weaker version of this network, made without training, as a guide: a copy of it
         that skips hidden layers `skip` (each a number in 1..depth; S²-Guidance,
         arXiv 2508.12880, drops blocks), and reads its log-density at the noisier level
-        sigma_scale * sigma (self-guidance, arXiv 2412.05827, Sec. 3): G'(x; sigma) = G(x; s sigma)."""
+        sigma_scale * sigma (self-guidance, arXiv 2412.05827): G'(x; sigma) = G(x; s sigma)."""
         if any(not 1 <= i < len(self.layers) for i in skip):
             raise ValueError(f"hidden layers are numbered 1 to {len(self.layers) - 1}, got {tuple(skip)}")
         if not sigma_scale > 0:
