@@ -35,8 +35,13 @@ def folder(recipe):
     return recipe.replace(":", "-")
 
 
-def run(out, seeds, recipes=RECIPES, make_settings=Settings, log=print):
-    """Each recipe's study in OUT/<recipe>/, on the first recipe's main and unconditional models."""
+def paper(seed):
+    return Settings(seed=seed)
+
+
+def run(out, seeds, recipes=RECIPES, make_settings=paper, log=print):
+    """Each recipe's study in OUT/<recipe>/, on the first recipe's main and unconditional models.
+    make_settings(seed) -> the Settings of a seed's run."""
     seconds_path = os.path.join(out, "seconds.json")
     seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
     for recipe in recipes:
@@ -63,7 +68,7 @@ def main():
     parser.add_argument("--seeds", default="0-9", help="main seeds (default 0-9)")
     parser.add_argument("--fast", action="store_true", help="Settings.fast: minutes instead of hours (a check)")
     args = parser.parse_args()
-    make_settings = Settings.fast if args.fast else Settings
+    make_settings = Settings.fast if args.fast else paper
     recipes = tuple(r.replace("snapshot:512", "snapshot:128") for r in RECIPES) if args.fast else RECIPES
     run(args.out, parse_seeds(args.seeds), recipes, make_settings)
 
