@@ -6,12 +6,16 @@ seed folder starts from copies of them, so its no-guidance, CFG and truncation p
 bits, and every difference between recipes is the guide's (paired, seed by seed).
 
     python experiments/toy_recipes.py --out runs/toy-recipes --seeds 0-9 [--fast]
+    python experiments/toy_recipes.py --out runs/toy-recipes --report docs/results/toy_recipes
 
 OUT/<recipe>/ is that recipe's study (seed-<k>/metrics.json, summary.json); OUT/seconds.json
 adds up each recipe's wall time. Resumable: a finished seed is read back, not rerun.
+--report writes PREFIX.json (every point: per-seed values, mean, std, and the paired change
+against no guidance), PREFIX.md (each method at its best w by RULE) and PREFIX.png (the frontier).
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,7 +25,9 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mini_autoguide.checkpoint import write_json  # noqa: E402
 from mini_autoguide.seeds import parse_seeds  # noqa: E402
-from toy2d import guides  # noqa: E402
+from mini_autoguide.guidance import METHODS  # noqa: E402
+from toy2d import guides, plots  # noqa: E402
+from toy2d.reproduce import point  # noqa: E402
 from toy2d.reproduce import Settings, reproduce_seeds, seed_dir  # noqa: E402
 
 # Chosen before any was run: the paper's guide; the main network with its second or last hidden
@@ -29,6 +35,10 @@ from toy2d.reproduce import Settings, reproduce_seeds, seed_dir  # noqa: E402
 # and under a shorter EMA. The first trains the shared models; the cheapest come next.
 RECIPES = ("separate", "skip:2", "skip:4", "sigma:1.5", "snapshot:512", "ema:0.003")
 SHARED = ("main", "uncond")   # the models every recipe's run of a seed shares
+RECALL_FLOOR = 0.9
+RULE = f"the w with the fewest mean outliers among those with mean recall >= {RECALL_FLOOR} (else the highest recall)"
+SHOWN = ("outliers", "recall", "precision", "branch_tv", "mean_logp")
+RECIPE_STYLES = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 
 
 def folder(recipe):
@@ -62,12 +72,89 @@ def run(out, seeds, recipes=RECIPES, make_settings=paper, log=print):
         write_json(seconds_path, seconds)
 
 
+def curve(summary, method, none):
+    """One method's points over w from a seeds summary, each metric's mean, std and the paired
+    change against no guidance (per seed: this point minus none on the same main model)."""
+    weights = sorted({p["weight"] for p in summary["points"] if p["method"] == method})
+    c = dict(weights=weights)
+    for key in SHOWN:
+        rows = [point(summary, method, w)["metrics"][key] for w in weights]
+        change = [[a - b for a, b in zip(r["per_seed"], none["metrics"][key]["per_seed"])] for r in rows]
+        c[key] = dict(mean=[r["mean"] for r in rows], std=[r["std"] for r in rows],
+                      change_mean=[sum(d) / len(d) for d in change],
+                      change_std=[math.sqrt(sum((v - sum(d) / len(d)) ** 2 for v in d) / max(len(d) - 1, 1))
+                                  for d in change],
+                      seeds_better=[r.get("beats_none") for r in rows])
+    return c
+
+
+def best(c):
+    """The index of c's point chosen by RULE."""
+    ok = [i for i, r in enumerate(c["recall"]["mean"]) if r >= RECALL_FLOOR]
+    if not ok:
+        return max(range(len(c["weights"])), key=lambda i: c["recall"]["mean"][i])
+    return min(ok, key=lambda i: c["outliers"]["mean"][i])
+
+
+def report(out, prefix, recipes=RECIPES):
+    """The recipes' curves, CFG's and truncation's (from the first recipe's study, which shares
+    their models), the table and the frontier figure."""
+    summaries = {r: json.load(open(os.path.join(out, folder(r), "summary.json"))) for r in recipes
+                 if os.path.exists(os.path.join(out, folder(r), "summary.json"))}
+    first = summaries[recipes[0]]
+    none = point(first, "none")
+    curves = {f"autoguidance, {r}": curve(summ, "autoguidance", point(summ, "none")) for r, summ in summaries.items()}
+    curves.update({METHODS[m].label: curve(first, m, none) for m in ("cfg", "truncation")})
+    cost = {f"autoguidance, {r}": _extra_training(r, out, first["seeds"][0]) for r in summaries}
+    cost.update({METHODS["cfg"].label: _extra_training(recipes[0], out, first["seeds"][0], "uncond"),
+                 METHODS["truncation"].label: 0})
+    result = dict(seeds=first["seeds"], rule=RULE, none={k: none["metrics"][k] for k in SHOWN}, curves=curves,
+                  extra_training_iterations=cost, seconds=json.load(open(os.path.join(out, "seconds.json"))))
+    write_json(prefix + ".json", result)
+    rows = [f"{len(first['seeds'])} seeds; each method at its best w ({RULE}); mean ± std over seeds, and "
+            "the paired change against no guidance with the seeds on which it helps.", "",
+            "| method | w | outliers | change | recall | change | precision | extra training (iterations) |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| no guidance | 1 | {_ms(none['metrics']['outliers'])} | | {_ms(none['metrics']['recall'])} | | "
+            f"{_ms(none['metrics']['precision'])} | 0 |"]
+    for label, c in curves.items():
+        i = best(c)
+        o, r, p = c["outliers"], c["recall"], c["precision"]
+        rows.append(f"| {label} | {c['weights'][i]:g} | {o['mean'][i]:.3f} ± {o['std'][i]:.3f} | "
+                    f"{o['change_mean'][i]:+.3f} [{o['seeds_better'][i]}] | {r['mean'][i]:.3f} ± {r['std'][i]:.3f} | "
+                    f"{r['change_mean'][i]:+.3f} | {p['mean'][i]:.3f} ± {p['std'][i]:.3f} | "
+                    f"{cost[label]} |")
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(rows) + "\n")
+    styles = {METHODS[m].label: METHODS[m].style for m in ("cfg", "truncation")}
+    plots.frontier_figure(prefix + ".png", [
+        dict(c, label=label, style=styles.get(label, (RECIPE_STYLES[k % len(RECIPE_STYLES)], "^", "-")))
+        for k, (label, c) in enumerate(curves.items())])
+    return result
+
+
+def _extra_training(recipe, out, seed, model="guide"):
+    """The iterations trained for a run's guide (or its unconditional model), from the settings the
+    run recorded: 0 for a guide made from the main network."""
+    with open(os.path.join(seed_dir(os.path.join(out, folder(recipe)), seed), "metrics.json")) as f:
+        config = Settings.from_json(json.load(f)["settings"]).config(model)
+    return 0 if config is None else config.iterations
+
+
+def _ms(stats):
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (resumed when it exists)")
     parser.add_argument("--seeds", default="0-9", help="main seeds (default 0-9)")
     parser.add_argument("--fast", action="store_true", help="Settings.fast: minutes instead of hours (a check)")
+    parser.add_argument("--report", metavar="PREFIX", help="write PREFIX.json, .md and .png from OUT; run nothing")
     args = parser.parse_args()
+    if args.report:
+        report(args.out, args.report)
+        return
     make_settings = Settings.fast if args.fast else paper
     recipes = tuple(r.replace("snapshot:512", "snapshot:128") for r in RECIPES) if args.fast else RECIPES
     run(args.out, parse_seeds(args.seeds), recipes, make_settings)

@@ -187,3 +187,26 @@ def test_the_recipe_study_pairs_every_recipe_on_the_same_main_models(tmp_path, m
     # resumed: nothing runs again
     monkeypatch.setattr(toy, "reproduce", lambda *a, **k: pytest.fail("a finished seed ran again"))
     study.run(str(tmp_path), [0], recipes, make_settings=lambda seed: _tiny(seed, "separate"), log=lambda *a: None)
+
+
+def test_the_recipe_report_pairs_changes_and_picks_by_its_rule(tmp_path):
+    study = load_experiment("toy_recipes")
+    recipes = ("separate", "skip:1")
+    study.run(str(tmp_path), [0, 1], recipes, make_settings=lambda seed: _tiny(seed, "separate"), log=lambda *a: None)
+    result = study.report(str(tmp_path), str(tmp_path / "r"), recipes)
+    for name in ("r.json", "r.md", "r.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "skip-1" / "summary.json").read_text())
+    c = result["curves"]["autoguidance, skip:1"]
+    for i, w in enumerate(c["weights"]):   # the paired change, by hand from the per-seed values
+        mine = toy.point(summary, "autoguidance", w)["metrics"]["outliers"]["per_seed"]
+        base = toy.point(summary, "none")["metrics"]["outliers"]["per_seed"]
+        assert c["outliers"]["change_mean"][i] == pytest.approx(np.mean(np.subtract(mine, base)))
+        assert c["outliers"]["change_std"][i] == pytest.approx(np.std(np.subtract(mine, base), ddof=1))
+    fake = dict(weights=[1, 2, 3], recall=dict(mean=[0.95, 0.92, 0.80]), outliers=dict(mean=[0.2, 0.1, 0.01]))
+    assert study.best(fake) == 1   # the fewest outliers among recall >= 0.9, not the fewest overall
+    fake["recall"]["mean"] = [0.5, 0.7, 0.6]
+    assert study.best(fake) == 1   # none reaches the floor: the highest recall
+    assert result["extra_training_iterations"] == {"autoguidance, separate": 4, "autoguidance, skip:1": 0,
+                                                   "CFG": 4, "truncation": 0}
+    assert "| autoguidance, skip:1 |" in (tmp_path / "r.md").read_text()

@@ -174,6 +174,29 @@ def seeds_figure(path, points):
     return _save(fig, path)
 
 
+def frontier_figure(path, curves):
+    """Outliers against recall and against precision, one curve a method over its strength w, each
+    point the mean over seeds with +- std bars. curves: [dict(label, style (colour, marker, line),
+    weights, and for "outliers", "recall", "precision": dict(mean=[...], std=[...]) over weights)]."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key in zip(axes, ("recall", "precision")):
+        for c in curves:
+            color, marker, line = c["style"]
+            o, m = c["outliers"], c[key]
+            ax.errorbar(o["mean"], m["mean"], xerr=o["std"], yerr=m["std"], color=color, marker=marker, ls=line,
+                        ms=5, capsize=2, lw=1.2, elinewidth=0.6, alpha=0.9, label=c["label"])
+            ax.annotate(f"w={c['weights'][-1]:g}", (o["mean"][-1], m["mean"][-1]), fontsize=7, color=color,
+                        textcoords="offset points", xytext=(4, 2))
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlabel("outlier rate (<- better)")
+        ax.set_ylabel(f"{key} (better ->)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("each method over its strength w: mean +- std over seeds")
+    axes[1].legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
 def _save(fig, path):
     """Lay fig out, write it as a PNG and close it; returns fig (closed: pyplot lets it go, its Axes
     stay readable)."""
