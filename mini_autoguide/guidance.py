@@ -48,6 +48,7 @@ GUIDE_RECIPES = {
     "ema": ("ema:S", float, "the main model's run under power-EMA length sigma_rel S"),
     "skip": ("skip:K", int, "the main network with hidden layer K skipped"),
     "sigma": ("sigma:F", float, "the main network read at F times the noise level, F > 1"),
+    "decay": ("decay:L", float, "the separate guide trained with weight decay L"),
 }
 
 

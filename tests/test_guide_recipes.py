@@ -28,7 +28,7 @@ def _points(n=64, seed=0):
 
 @pytest.mark.parametrize("text,parsed", [("separate", ("separate", None)), ("snapshot:512", ("snapshot", 512)),
                                          ("ema:0.05", ("ema", 0.05)), ("skip:2", ("skip", 2)),
-                                         ("sigma:1.5", ("sigma", 1.5))])
+                                         ("sigma:1.5", ("sigma", 1.5)), ("decay:0.1", ("decay", 0.1))])
 def test_recipes_parse(text, parsed):
     assert guidance.parse_recipe(text) == parsed
 
@@ -39,13 +39,15 @@ def test_recipes_parse(text, parsed):
     ("sigma:nan", "needs a finite float"), ("sigma:inf", "needs a finite float"),
     ("snapshot:0", "1 <= K < the main model's 6"), ("snapshot:6", "1 <= K < the main model's 6"),
     ("ema:0.3", "sigma_rel must be in"), ("ema:0.01", "is the main model itself"),
-    ("skip:0", "1 <= K <= 4"), ("skip:5", "1 <= K <= 4"), ("sigma:1", "F > 1")])
+    ("skip:0", "1 <= K <= 4"), ("skip:5", "1 <= K <= 4"), ("sigma:1", "F > 1"), ("decay:0", "L > 0"),
+    ("decay:-1", "L > 0")])
 def test_bad_recipes_are_refused(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         guides.check(text, MAIN)
 
 
-@pytest.mark.parametrize("text", ["separate", "snapshot:1", "snapshot:5", "ema:0.2", "skip:1", "skip:4", "sigma:1.01"])
+@pytest.mark.parametrize("text", ["separate", "snapshot:1", "snapshot:5", "ema:0.2", "skip:1", "skip:4", "sigma:1.01",
+                                  "decay:1e-6"])
 def test_recipes_at_their_limits_are_accepted(text):
     assert guides.check(text, MAIN) == text
 
@@ -82,6 +84,17 @@ def _net(seed):
     with torch.no_grad():
         net.gain.fill_(0.7)
     return net
+
+
+def test_decay_recipe_trains_the_separate_guide_with_weight_decay():
+    separate = ToyConfig(width=8, iterations=5, batch=128, seed=4)
+    config = guides.guide_config("decay:0.5", MAIN, separate)
+    assert config == replace(separate, weight_decay=0.5)
+    decayed, plain = train(config)[0], train(separate)[0]
+    assert any(not torch.equal(a, b) for a, b in zip(decayed.parameters(), plain.parameters()))   # it reached Adam
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight_decay"):
+            replace(separate, weight_decay=bad).check()
 
 
 def test_skip_recipe_is_the_main_network_without_one_hidden_layer():
@@ -128,7 +141,7 @@ def separate(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe,trains", [("snapshot:2", True), ("ema:0.05", True), ("skip:3", False),
-                                           ("sigma:2", False)])
+                                           ("sigma:2", False), ("decay:0.5", True)])
 def test_reproduce_with_each_recipe(tmp_path, separate, recipe, trains):
     report = toy.reproduce(str(tmp_path), _tiny(0, recipe), figures=False, log=lambda *a: None)
     assert report["settings"]["guide_recipe"] == recipe

@@ -16,6 +16,11 @@ NAME or NAME:VALUE (mini_autoguide.guidance.GUIDE_RECIPES; toy reproduce --guide
                   (S²-Guidance, arXiv 2508.12880, drops blocks; diffusers' AutoGuidance skips layers)
     sigma:F       the main network's log-density read at F times the noise level, F > 1: no
                   training (self-guidance, arXiv 2412.05827)
+    decay:L       the separate guide trained with weight decay L (Adam's L2 term), which the 2D toy
+                  of sliding-window guidance (arXiv 2411.10257) finds makes a good guide. Forced
+                  weight normalisation (EDM2, arXiv 2312.02696, Sec. 2.3) rescales each weight row
+                  after every step, so the decay acts through Adam's per-parameter steps and on the
+                  output gain, not on the rows' lengths.
 """
 from dataclasses import replace
 
@@ -36,6 +41,8 @@ def check(recipe, main):
         raise ValueError(f"skip:K needs a hidden layer 1 <= K <= {main.depth}, got {value}")
     if name == "sigma" and not value > 1:
         raise ValueError(f"sigma:F needs F > 1 (a noisier level), got {value}")
+    if name == "decay" and not value > 0:
+        raise ValueError(f"decay:L needs L > 0, got {value}")
     return recipe
 
 
@@ -49,6 +56,8 @@ def guide_config(recipe, main, separate):
         return replace(main, iterations=value)
     if name == "ema":
         return replace(main, ema_sigma_rel=value)
+    if name == "decay":
+        return replace(separate, weight_decay=value)
     return None
 
 

@@ -36,6 +36,7 @@ class ToyConfig:
     p_mean: float = -2.3
     p_std: float = 1.5
     ema_sigma_rel: float = 0.010
+    weight_decay: float = 0.0  # Adam's L2 term on every parameter (0: none, as in the paper)
     seed: int = 0
     dim: int = 2               # data dimension (the fractal is 2D; kept so files say it)
 
@@ -50,6 +51,8 @@ class ToyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
         sigma_rel_to_gamma(self.ema_sigma_rel)   # ValueError outside (0, 0.2887)
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         return self
 
 
@@ -69,7 +72,8 @@ def train(config, progress=False, callback=None):
     target = make_gmm(config.classes)
     ema = PowerEMA(net, [config.ema_sigma_rel])
     # fused: one pass over all parameters instead of a dozen small ops each
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), fused=True)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay,
+                           fused=True)
     losses = []
     bar = progress_bar(config.iterations, f"toy {config.classes} w{config.width}", "it", enabled=progress)
     for t in range(1, config.iterations + 1):
