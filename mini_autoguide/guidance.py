@@ -49,6 +49,7 @@ GUIDE_RECIPES = {
     "skip": ("skip:K", int, "the main network with hidden layer K skipped"),
     "sigma": ("sigma:F", float, "the main network read at F times the noise level, F > 1"),
     "decay": ("decay:L", float, "the separate guide trained with weight decay L"),
+    "dropout": ("dropout:P", float, "the main model trained with dropout P, and with it on at inference"),
 }
 
 

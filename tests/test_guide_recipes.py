@@ -28,26 +28,27 @@ def _points(n=64, seed=0):
 
 @pytest.mark.parametrize("text,parsed", [("separate", ("separate", None)), ("snapshot:512", ("snapshot", 512)),
                                          ("ema:0.05", ("ema", 0.05)), ("skip:2", ("skip", 2)),
-                                         ("sigma:1.5", ("sigma", 1.5)), ("decay:0.1", ("decay", 0.1))])
+                                         ("sigma:1.5", ("sigma", 1.5)), ("decay:0.1", ("decay", 0.1)),
+                                         ("dropout:0.1", ("dropout", 0.1))])
 def test_recipes_parse(text, parsed):
     assert guidance.parse_recipe(text) == parsed
 
 
 @pytest.mark.parametrize("text,message", [
-    ("dropout", "unknown guide recipe 'dropout'"), ("separate:3", "takes no value"),
+    ("ensemble", "unknown guide recipe 'ensemble'"), ("separate:3", "takes no value"),
     ("snapshot", "needs a finite int value (snapshot:K)"), ("snapshot:1.5", "needs a finite int"),
     ("sigma:nan", "needs a finite float"), ("sigma:inf", "needs a finite float"),
     ("snapshot:0", "1 <= K < the main model's 6"), ("snapshot:6", "1 <= K < the main model's 6"),
     ("ema:0.3", "sigma_rel must be in"), ("ema:0.01", "is the main model itself"),
     ("skip:0", "1 <= K <= 4"), ("skip:5", "1 <= K <= 4"), ("sigma:1", "F > 1"), ("decay:0", "L > 0"),
-    ("decay:-1", "L > 0")])
+    ("decay:-1", "L > 0"), ("dropout:0", "0 < P < 1"), ("dropout:1", "0 < P < 1")])
 def test_bad_recipes_are_refused(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         guides.check(text, MAIN)
 
 
 @pytest.mark.parametrize("text", ["separate", "snapshot:1", "snapshot:5", "ema:0.2", "skip:1", "skip:4", "sigma:1.01",
-                                  "decay:1e-6"])
+                                  "decay:1e-6", "dropout:0.99"])
 def test_recipes_at_their_limits_are_accepted(text):
     assert guides.check(text, MAIN) == text
 
@@ -97,9 +98,42 @@ def test_decay_recipe_trains_the_separate_guide_with_weight_decay():
             replace(separate, weight_decay=bad).check()
 
 
+def test_dropout_recipe_trains_main_with_dropout_and_guides_it_with_dropout_on():
+    config = guides.main_config("dropout:0.5", MAIN)
+    assert config == replace(MAIN, dropout=0.5) and guides.guide_config("dropout:0.5", config, MAIN) is None
+    net, _ = train(config)
+    plain, _ = train(MAIN)
+    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), plain.parameters()))   # masks in training
+    with torch.no_grad():
+        net.gain.fill_(0.7)
+    x, _ = _points()
+    sigma = torch.full((len(x),), 0.3)
+    # main itself, in eval mode, has no dropout: the same numbers as a copy built without dropout
+    copy_ = ToyMLP(16)
+    copy_.load_state_dict(net.state_dict())
+    assert torch.equal(net.eval().logp(x, sigma), copy_.eval().logp(x, sigma))
+    guide = guides.weakened("dropout:0.5", net, seed=7)
+    g = guide.logp(x, sigma)
+    assert not torch.allclose(g, net.logp(x, sigma))
+    assert torch.equal(g, guide.logp(x, sigma)) and torch.equal(g[:5], guide.logp(x[:5], sigma[:5]))  # deterministic
+    assert not torch.equal(g, guide.logp(x, sigma * 1.01))   # another noise level, another mask
+    assert not torch.equal(g, guides.weakened("dropout:0.5", net, seed=8).logp(x, sigma))   # another seed
+    # the masks written out: one per (seed, layer, sigma), units kept with probability 1 - P, scaled by 1 / (1 - P)
+    s = sigma[:, None]
+    c_in = (s ** 2 + 0.25).rsqrt()
+    y = torch.cat([x * c_in, s.log() / 4, torch.ones_like(s)], 1) @ net.layers[0].effective_weight().t()
+    for k in range(1, 5):
+        key = (7 * 1000 + k) * 10 ** 9 + round(0.3 * 1e6)
+        keep = torch.rand(16, generator=torch.Generator().manual_seed(key)) >= 0.5
+        y = (mp_silu(y) * keep / 0.5) @ net.layers[k].effective_weight().t()
+    assert torch.allclose(g, 0.7 * y.square().mean(1) / sigma - 0.5 * (x * c_in).square().sum(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="trained with dropout"):
+        plain.weakened(dropout_seed=0)
+
+
 def test_skip_recipe_is_the_main_network_without_one_hidden_layer():
     net = _net(0)
-    weak = guides.weakened("skip:2", net)
+    weak = guides.weakened("skip:2", net, seed=0)
     x, sigma = _points()
     # written out: the input layer, hidden layers 1, 3 and 4 (2 skipped), the log-density
     s = sigma[:, None]
@@ -115,7 +149,7 @@ def test_skip_recipe_is_the_main_network_without_one_hidden_layer():
 
 def test_sigma_recipe_is_the_main_density_at_a_noisier_level():
     net = _net(1)
-    weak = guides.weakened("sigma:1.5", net)
+    weak = guides.weakened("sigma:1.5", net, seed=0)
     x, sigma = _points()
     assert torch.equal(weak.logp(x, sigma), net.logp(x, sigma * 1.5))
     assert torch.equal(weak.score(x, sigma), net.score(x, sigma * 1.5))
@@ -141,7 +175,7 @@ def separate(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe,trains", [("snapshot:2", True), ("ema:0.05", True), ("skip:3", False),
-                                           ("sigma:2", False), ("decay:0.5", True)])
+                                           ("sigma:2", False), ("decay:0.5", True), ("dropout:0.5", False)])
 def test_reproduce_with_each_recipe(tmp_path, separate, recipe, trains):
     report = toy.reproduce(str(tmp_path), _tiny(0, recipe), figures=False, log=lambda *a: None)
     assert report["settings"]["guide_recipe"] == recipe
@@ -150,7 +184,7 @@ def test_reproduce_with_each_recipe(tmp_path, separate, recipe, trains):
     assert not np.array_equal(guided, plain)   # the guide acted
     # the same main model as with the paper's guide: only the guide changed
     unguided = [{k: v for k, v in r["methods"]["none"].items() if k != "seconds"} for r in (report, separate)]
-    assert unguided[0] == unguided[1]
+    assert (unguided[0] == unguided[1]) == (recipe != "dropout:0.5")   # dropout:P trains another main model
 
 
 def test_a_study_of_another_recipe_is_refused(tmp_path):
@@ -163,7 +197,7 @@ def test_a_study_of_another_recipe_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--guide-recipe", "dropout:0.1"], "--guide-recipe: unknown guide recipe 'dropout'"),
+    (["--guide-recipe", "ensemble:2"], "--guide-recipe: unknown guide recipe 'ensemble'"),
     (["--guide-recipe", "skip:9"], "--guide-recipe: skip:K needs a hidden layer 1 <= K <= 4, got 9"),
     (["--guide-recipe", "sigma:0.5"], "--guide-recipe: sigma:F needs F > 1"),
     (["--guide-recipe", "snapshot:4096"], "--guide-recipe: snapshot:K needs 1 <= K < the main model's 4096"),
@@ -187,10 +221,11 @@ def test_cli_recipe_reaches_the_run(tmp_path, monkeypatch):
 
 def test_the_recipe_study_pairs_every_recipe_on_the_same_main_models(tmp_path, monkeypatch):
     study = load_experiment("toy_recipes")
-    recipes = ("separate", "skip:1", "sigma:2")
+    recipes = ("separate", "skip:1", "sigma:2", "dropout:0.5")
     study.run(str(tmp_path), [0], recipes, make_settings=lambda seed: _tiny(seed, "separate"), log=lambda *a: None)
     summaries = {r: json.loads((tmp_path / study.folder(r) / "summary.json").read_text()) for r in recipes}
-    for recipe in recipes[1:]:
+    assert "main" in json.loads((tmp_path / "dropout-0.5" / "seed-0" / "metrics.json").read_text())["seconds"]["train"]
+    for recipe in recipes[1:3]:
         for name in ("none", "cfg", "truncation"):   # the same main and unconditional models: the same bits
             assert toy.point(summaries[recipe], name) == toy.point(summaries["separate"], name)
         assert toy.point(summaries[recipe], "autoguidance") != toy.point(summaries["separate"], "autoguidance")

@@ -21,6 +21,11 @@ NAME or NAME:VALUE (mini_autoguide.guidance.GUIDE_RECIPES; toy reproduce --guide
                   weight normalisation (EDM2, arXiv 2312.02696, Sec. 2.3) rescales each weight row
                   after every step, so the decay acts through Adam's per-parameter steps and on the
                   output gain, not on the rows' lengths.
+    dropout:P     the main model trained with dropout P on its hidden layers, guided by the same
+                  network with the dropout on at inference (in-situ autoguidance, arXiv
+                  2510.17136): no extra training, but its main model is another one than the
+                  other recipes'. The guide's mask depends on the seed, the layer and the noise
+                  level only (ToyMLP._drop), so sampling stays deterministic.
 """
 from dataclasses import replace
 
@@ -43,6 +48,8 @@ def check(recipe, main):
         raise ValueError(f"sigma:F needs F > 1 (a noisier level), got {value}")
     if name == "decay" and not value > 0:
         raise ValueError(f"decay:L needs L > 0, got {value}")
+    if name == "dropout" and not 0 < value < 1:
+        raise ValueError(f"dropout:P needs 0 < P < 1, got {value}")
     return recipe
 
 
@@ -61,9 +68,18 @@ def guide_config(recipe, main, separate):
     return None
 
 
-def weakened(recipe, main_net):
-    """The guide of a recipe that trains nothing, made from the main network (ToyMLP)."""
+def main_config(recipe, main):
+    """The main model's ToyConfig under a recipe: trained with dropout for dropout:P, else main."""
     name, value = parse_recipe(recipe)
+    return replace(main, dropout=value) if name == "dropout" else main
+
+
+def weakened(recipe, main_net, seed):
+    """The guide of a recipe that trains nothing, made from the main network (ToyMLP); seed
+    draws the masks of dropout at inference."""
+    name, value = parse_recipe(recipe)
+    if name == "dropout":
+        return main_net.weakened(dropout_seed=seed)
     if name == "skip":
         return main_net.weakened(skip=(value,))
     if name == "sigma":

@@ -17,16 +17,18 @@ from mini_autoguide.mp import MPConv, mp_silu
 
 
 class ToyMLP(torch.nn.Module):
-    """x: [N, 2], sigma: [N] or scalar. width n, `depth` hidden n->n layers."""
+    """x: [N, 2], sigma: [N] or scalar. width n, `depth` hidden n->n layers; dropout: the
+    probability of zeroing each hidden layer's input in training (0: none, as in the paper)."""
 
-    def __init__(self, width=64, depth=4, sigma_data=SIGMA_DATA, dim=2):
+    def __init__(self, width=64, depth=4, sigma_data=SIGMA_DATA, dim=2, dropout=0.0):
         super().__init__()
-        self.config = dict(width=width, depth=depth, sigma_data=sigma_data, dim=dim)
-        self.sigma_data = sigma_data
+        self.config = dict(width=width, depth=depth, sigma_data=sigma_data, dim=dim, dropout=dropout)
+        self.sigma_data, self.dropout = sigma_data, dropout
         self.layers = torch.nn.ModuleList(
             [MPConv(dim + 2, width)] + [MPConv(width, width) for _ in range(depth)])
         self.gain = torch.nn.Parameter(torch.zeros([]))
-        self.skip, self.sigma_scale = (), 1.0   # set by weakened(), for guides made without training
+        # set by weakened(), for guides made without training
+        self.skip, self.sigma_scale, self.dropout_seed = (), 1.0, None
 
     def logp(self, x, sigma):
         """G(x; sigma), an unnormalised log-density. [N]."""
@@ -38,21 +40,39 @@ class ToyMLP(torch.nn.Module):
         y = self.layers[0](y)
         for i, layer in enumerate(self.layers[1:], 1):
             if i not in self.skip:
-                y = layer(mp_silu(y))
+                y = layer(self._drop(mp_silu(y), i, sigma))
         return self.gain * y.square().mean(1) / sigma[:, 0] - 0.5 * (x * c_in).square().sum(1)
 
-    def weakened(self, skip=(), sigma_scale=1.0):
+    def _drop(self, y, layer, sigma):
+        """Dropout on a hidden layer's input y [N, width], kept at its expected value: in training
+        a fresh mask for every entry; in a guide with dropout at inference (dropout_seed set), one
+        mask of units a layer for each noise level, drawn from (dropout_seed, layer, sigma), so
+        sampling stays deterministic and independent of the batch and of the order of calls."""
+        if self.dropout == 0 or not (self.training or self.dropout_seed is not None):
+            return y
+        if self.training:
+            keep = torch.rand(y.shape, device=y.device) >= self.dropout
+        else:
+            key = (self.dropout_seed * 1000 + layer) * 10 ** 9 + round(float(sigma.flatten()[0]) * 1e6)
+            keep = torch.rand(y.shape[1], generator=torch.Generator().manual_seed(key)) >= self.dropout
+        return y * keep.to(y.device, y.dtype) / (1 - self.dropout)
+
+    def weakened(self, skip=(), sigma_scale=1.0, dropout_seed=None):
         """A weaker version of this network, made without training, as a guide: a copy of it
         that skips hidden layers `skip` (each a number in 1..depth; S²-Guidance,
-        arXiv 2508.12880, drops blocks), and reads its log-density at the noisier level
-        sigma_scale * sigma (self-guidance, arXiv 2412.05827): G'(x; sigma) = G(x; s sigma)."""
+        arXiv 2508.12880, drops blocks), reads its log-density at the noisier level
+        sigma_scale * sigma (self-guidance, arXiv 2412.05827): G'(x; sigma) = G(x; s sigma), and,
+        with dropout_seed, keeps the dropout it was trained with on at inference (in-situ
+        autoguidance, arXiv 2510.17136)."""
         if any(not 1 <= i < len(self.layers) for i in skip):
             raise ValueError(f"hidden layers are numbered 1 to {len(self.layers) - 1}, got {tuple(skip)}")
         if not sigma_scale > 0:
             raise ValueError(f"the sigma scale must be positive, got {sigma_scale}")
         weak = ToyMLP(**self.config)
         weak.load_state_dict(self.state_dict())
-        weak.skip, weak.sigma_scale = tuple(skip), float(sigma_scale)
+        if dropout_seed is not None and self.dropout == 0:
+            raise ValueError("dropout at inference needs a network trained with dropout")
+        weak.skip, weak.sigma_scale, weak.dropout_seed = tuple(skip), float(sigma_scale), dropout_seed
         return weak.train(self.training).requires_grad_(False)
 
     def score(self, x, sigma, create_graph=None):

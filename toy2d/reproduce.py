@@ -85,7 +85,9 @@ class Settings:
         """The ToyConfig of model "main", "guide" or "uncond", seeded for this run; for "guide",
         the one its recipe trains, or None when the recipe makes it from main without training."""
         seeded = replace(getattr(self, name), seed=self.seed * 10 + MODELS.index(name))
-        if name != "guide":
+        if name == "main":
+            return guides.main_config(self.guide_recipe, seeded)
+        if name == "uncond":
             return seeded
         return guides.guide_config(self.guide_recipe, self.config("main"), seeded)
 
@@ -136,7 +138,7 @@ def reproduce(outdir, settings, progress=False, figures=True, log=print):
     nets, train_seconds = {}, {}
     for name in MODELS:
         if settings.config(name) is None:   # a guide made from main, without training
-            nets[name] = guides.weakened(settings.guide_recipe, nets["main"])
+            nets[name] = guides.weakened(settings.guide_recipe, nets["main"], settings.seed * 10 + MODELS.index(name))
             continue
         nets[name], seconds = obtain(settings, name, outdir, progress, log)
         if seconds is not None:

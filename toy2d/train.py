@@ -37,6 +37,7 @@ class ToyConfig:
     p_std: float = 1.5
     ema_sigma_rel: float = 0.010
     weight_decay: float = 0.0  # Adam's L2 term on every parameter (0: none, as in the paper)
+    dropout: float = 0.0       # dropout on the hidden layers' inputs in training (0: none, as in the paper)
     seed: int = 0
     dim: int = 2               # data dimension (the fractal is 2D; kept so files say it)
 
@@ -51,6 +52,8 @@ class ToyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
         sigma_rel_to_gamma(self.ema_sigma_rel)   # ValueError outside (0, 0.2887)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.weight_decay < float("inf"):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         return self
@@ -66,7 +69,7 @@ def train(config, progress=False, callback=None):
     """
     config = config.check()
     torch.manual_seed(config.seed)   # the initial weights come from torch's global generator
-    net = ToyMLP(config.width, config.depth).train()
+    net = ToyMLP(config.width, config.depth, dropout=config.dropout).train()
     normalize_weights_(net)   # before the EMA copy, so that it starts equal to the network
     gen = torch.Generator().manual_seed(config.seed)   # the batches: their own generator
     target = make_gmm(config.classes)
@@ -114,7 +117,7 @@ def load_toy(path):
     state, config, _ = read_model(path, MODEL_KIND)
     try:
         config = ToyConfig(**config)
-        net = ToyMLP(config.width, config.depth, dim=config.dim)
+        net = ToyMLP(config.width, config.depth, dim=config.dim, dropout=config.dropout)
         net.load_state_dict(state)
     except (TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not match their config ({e})") from None
