@@ -46,8 +46,9 @@ class ToyMLP(torch.nn.Module):
     def _drop(self, y, layer, sigma):
         """Dropout on a hidden layer's input y [N, width], kept at its expected value: in training
         a fresh mask for every entry; in a guide with dropout at inference (dropout_seed set), one
-        mask of units a layer for each noise level, drawn from (dropout_seed, layer, sigma), so
-        sampling stays deterministic and independent of the batch and of the order of calls."""
+        mask of units a layer for each noise level (the first sample's: sampling passes one sigma
+        for all), drawn from (dropout_seed, layer, sigma), so sampling stays deterministic and
+        independent of the batch and of the order of calls."""
         if self.dropout == 0 or not (self.training or self.dropout_seed is not None):
             return y
         if self.training:
@@ -68,10 +69,10 @@ class ToyMLP(torch.nn.Module):
             raise ValueError(f"hidden layers are numbered 1 to {len(self.layers) - 1}, got {tuple(skip)}")
         if not sigma_scale > 0:
             raise ValueError(f"the sigma scale must be positive, got {sigma_scale}")
-        weak = ToyMLP(**self.config)
-        weak.load_state_dict(self.state_dict())
         if dropout_seed is not None and self.dropout == 0:
             raise ValueError("dropout at inference needs a network trained with dropout")
+        weak = ToyMLP(**self.config)
+        weak.load_state_dict(self.state_dict())
         weak.skip, weak.sigma_scale, weak.dropout_seed = tuple(skip), float(sigma_scale), dropout_seed
         return weak.train(self.training).requires_grad_(False)
 

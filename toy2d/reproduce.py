@@ -54,7 +54,7 @@ class Settings:
         cfg=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
         truncation=[1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 2.0]))
     seed: int = 0
-    guide_recipe: str = "separate"   # which weaker model guides main (guides.RECIPES)
+    guide_recipe: str = "separate"   # which weaker model guides main (guidance.GUIDE_RECIPES)
 
     @classmethod
     def fast(cls, seed=0):
