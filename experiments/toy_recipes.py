@@ -27,20 +27,19 @@ from mini_autoguide.checkpoint import write_json  # noqa: E402
 from mini_autoguide.seeds import parse_seeds  # noqa: E402
 from mini_autoguide.guidance import METHODS  # noqa: E402
 from toy2d import guides, plots  # noqa: E402
-from toy2d.reproduce import point  # noqa: E402
-from toy2d.reproduce import Settings, reproduce_seeds, seed_dir  # noqa: E402
+from toy2d.reproduce import Settings, point, reproduce_seeds, seed_dir  # noqa: E402
 
 # Chosen before any was run: the paper's guide; the main network with its second or last hidden
 # layer skipped, or at 1.5x the noise level; the main model's run at T/8 (the paper's guide length)
 # and under a shorter EMA; the paper's guide with strong weight decay; a main model trained with
-# dropout 0.1 (EDM2's rate from size M up), guided by itself with dropout on. The first trains the
-# shared models; the cheapest come next.
+# dropout 0.1 (the rate of EDM2's larger networks, arXiv 2312.02696), guided by itself with dropout
+# on. The first trains the shared models; the cheapest come next.
 RECIPES = ("separate", "skip:2", "skip:4", "sigma:1.5", "snapshot:512", "decay:0.1", "ema:0.003", "dropout:0.1")
 SHARED = ("main", "uncond")   # the models every recipe's run of a seed shares
 RECALL_FLOOR = 0.9
 RULE = f"the w with the fewest mean outliers among those with mean recall >= {RECALL_FLOOR} (else the highest recall)"
 SHOWN = ("outliers", "recall", "precision", "branch_tv", "mean_logp")
-RECIPE_STYLES = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+RECIPE_STYLES = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#000000"]
 
 
 def folder(recipe):
@@ -61,8 +60,9 @@ def run(out, seeds, recipes=RECIPES, make_settings=paper, log=print):
     for recipe in recipes:
         study = os.path.join(out, folder(recipe))
         for seed in seeds:
+            mine, first = (_settings(make_settings, seed, r) for r in (recipe, recipes[0]))
             for name in SHARED if recipe != recipes[0] else ():
-                if _settings(make_settings, seed, recipe).config(name) != _settings(make_settings, seed, recipes[0]).config(name):
+                if mine.config(name) != first.config(name):
                     continue   # this recipe trains its own (dropout:P its main model)
                 source = os.path.join(seed_dir(os.path.join(out, folder(recipes[0])), seed), "models", f"{name}.safetensors")
                 target = os.path.join(seed_dir(study, seed), "models", f"{name}.safetensors")
