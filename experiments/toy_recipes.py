@@ -11,7 +11,8 @@ bits, and every difference between recipes is the guide's (paired, seed by seed)
 OUT/<recipe>/ is that recipe's study (seed-<k>/metrics.json, summary.json); OUT/seconds.json
 adds up each recipe's wall time. Resumable: a finished seed is read back, not rerun.
 --report writes PREFIX.json (every point: per-seed values, mean, std, and the paired change
-against no guidance), PREFIX.md (each method at its best w by RULE) and PREFIX.png (the frontier).
+against no guidance; each guide's score error against main's), PREFIX.md (each method at its best
+w by RULE) and PREFIX.png (the frontier).
 """
 import argparse
 import json
@@ -27,7 +28,9 @@ from mini_autoguide.checkpoint import write_json  # noqa: E402
 from mini_autoguide.seeds import parse_seeds  # noqa: E402
 from mini_autoguide.guidance import METHODS  # noqa: E402
 from toy2d import guides, plots  # noqa: E402
-from toy2d.reproduce import Settings, point, reproduce_seeds, seed_dir  # noqa: E402
+from toy2d import gmm  # noqa: E402
+from toy2d.reproduce import MODELS, Settings, point, reproduce_seeds, seed_dir  # noqa: E402
+from toy2d.train import load_toy  # noqa: E402
 
 # Chosen before any was run: the paper's guide; the main network with its second or last hidden
 # layer skipped, or at 1.5x the noise level; the main model's run at T/8 (the paper's guide length)
@@ -96,6 +99,19 @@ def curve(summary, method, none):
     return c
 
 
+def alignment(out, recipe, seed):
+    """guides.error_alignment of a finished run's guide against its main model."""
+    run = seed_dir(os.path.join(out, folder(recipe)), seed)
+    with open(os.path.join(run, "metrics.json")) as f:
+        settings = Settings.from_json(json.load(f)["settings"])
+    main, _ = load_toy(os.path.join(run, "models", "main.safetensors"))
+    if settings.config("guide") is None:
+        guide = guides.weakened(recipe, main, settings.seed * 10 + MODELS.index("guide"))
+    else:
+        guide, _ = load_toy(os.path.join(run, "models", "guide.safetensors"))
+    return guides.error_alignment(main, guide, gmm(settings.main.classes), seed=seed)
+
+
 def best(c):
     """The index of c's point chosen by RULE."""
     ok = [i for i, r in enumerate(c["recall"]["mean"]) if r >= RECALL_FLOOR]
@@ -112,6 +128,12 @@ def report(out, prefix, recipes=RECIPES):
     first = summaries[recipes[0]]
     none = point(first, "none")
     curves = {f"autoguidance, {r}": curve(summ, "autoguidance", point(summ, "none")) for r, summ in summaries.items()}
+    for r, summ in summaries.items():   # the guide's error against main's, mean over seeds at each sigma
+        per_seed = [alignment(out, r, seed) for seed in summ["seeds"]]
+        curves[f"autoguidance, {r}"]["error_alignment"] = {
+            str(sigma): dict(cosine=sum(a[sigma][0] for a in per_seed) / len(per_seed),
+                             length_ratio=sum(a[sigma][1] for a in per_seed) / len(per_seed))
+            for sigma in per_seed[0]}
     curves.update({METHODS[m].label: curve(first, m, none) for m in ("cfg", "truncation")})
     cost = {f"autoguidance, {r}": _extra_training(r, out, first["seeds"][0]) for r in summaries}
     cost.update({METHODS["cfg"].label: _extra_training(recipes[0], out, first["seeds"][0], "uncond"),
@@ -121,17 +143,18 @@ def report(out, prefix, recipes=RECIPES):
     write_json(prefix + ".json", result)
     rows = [f"{len(first['seeds'])} seeds; each method at its best w ({RULE}); mean ± std over seeds, and "
             "the paired change against no guidance with the seeds on which it helps.", "",
-            "| method | w | outliers | change | recall | change | precision | extra training (iterations) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | w | outliers | change | recall | change | precision | extra training (iterations) | "
+            "guide's error against main's: cosine, length ratio (mean over σ) |",
+            "|---|---|---|---|---|---|---|---|---|",
             f"| no guidance | 1 | {_ms(none['metrics']['outliers'])} | | {_ms(none['metrics']['recall'])} | | "
-            f"{_ms(none['metrics']['precision'])} | 0 |"]
+            f"{_ms(none['metrics']['precision'])} | 0 | |"]
     for label, c in curves.items():
         i = best(c)
         o, r, p = c["outliers"], c["recall"], c["precision"]
         rows.append(f"| {label} | {c['weights'][i]:g} | {o['mean'][i]:.3f} ± {o['std'][i]:.3f} | "
                     f"{o['change_mean'][i]:+.3f} [{o['seeds_better'][i]}] | {r['mean'][i]:.3f} ± {r['std'][i]:.3f} | "
                     f"{r['change_mean'][i]:+.3f} | {p['mean'][i]:.3f} ± {p['std'][i]:.3f} | "
-                    f"{cost[label]} |")
+                    f"{cost[label]} | {_alignment_cell(c)} |")
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(rows) + "\n")
     styles = {METHODS[m].label: METHODS[m].style for m in ("cfg", "truncation")}
@@ -147,6 +170,13 @@ def _extra_training(recipe, out, seed, model="guide"):
     with open(os.path.join(seed_dir(os.path.join(out, folder(recipe)), seed), "metrics.json")) as f:
         config = Settings.from_json(json.load(f)["settings"]).config(model)
     return 0 if config is None else config.iterations
+
+
+def _alignment_cell(c):
+    if "error_alignment" not in c:
+        return ""
+    a = list(c["error_alignment"].values())
+    return f"{sum(v['cosine'] for v in a) / len(a):.2f}, {sum(v['length_ratio'] for v in a) / len(a):.2f}"
 
 
 def _ms(stats):

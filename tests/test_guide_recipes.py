@@ -13,9 +13,10 @@ from mini_autoguide.cli import main
 from mini_autoguide.ema import PowerEMA
 from mini_autoguide.mp import mp_silu
 from script_loader import load_experiment
+import toy2d
 from toy2d import guides, reproduce as toy
 from toy2d.model import ToyMLP
-from toy2d.train import ToyConfig, train
+from toy2d.train import ToyConfig, load_toy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAIN = ToyConfig(width=16, iterations=6, batch=128, seed=3)
@@ -258,3 +259,32 @@ def test_the_recipe_report_pairs_changes_and_picks_by_its_rule(tmp_path):
     assert result["extra_training_iterations"] == {"autoguidance, separate": 4, "autoguidance, skip:1": 0,
                                                    "CFG": 4, "truncation": 0}
     assert "| autoguidance, skip:1 |" in (tmp_path / "r.md").read_text()
+    # the guide's error against main's, from each run's own models (skip:1 rebuilt from main)
+    per_seed = []
+    for seed in (0, 1):
+        main_net, _ = load_toy(str(tmp_path / "skip-1" / f"seed-{seed}" / "models" / "main.safetensors"))
+        per_seed.append(guides.error_alignment(main_net, main_net.weakened(skip=(1,)), toy2d.gmm("A"), seed=seed))
+    for sigma in (0.01, 0.1, 1.0):
+        got = result["curves"]["autoguidance, skip:1"]["error_alignment"][str(sigma)]
+        assert got["cosine"] == pytest.approx(np.mean([a[sigma][0] for a in per_seed]))
+        assert got["length_ratio"] == pytest.approx(np.mean([a[sigma][1] for a in per_seed]))
+
+
+class _ScaledError:
+    """A guide whose score error is k times the main model's, exactly."""
+
+    def __init__(self, main, gmm, k):
+        self.main, self.gmm, self.k = main, gmm, k
+
+    def score(self, x, sigma):
+        exact = self.gmm.score(x, sigma)
+        return exact + self.k * (self.main.score(x, sigma) - exact)
+
+
+@pytest.mark.parametrize("k", [2.0, -0.5])
+def test_error_alignment_measures_direction_and_length(k):
+    g = toy2d.gmm("A")
+    main_net = _net(3)
+    got = guides.error_alignment(main_net, _ScaledError(main_net, g, k), g, sigmas=(0.05, 0.5), n=256)
+    for cosine, ratio in got.values():
+        assert cosine == pytest.approx(1.0 if k > 0 else -1.0, abs=1e-5) and ratio == pytest.approx(abs(k), rel=1e-4)

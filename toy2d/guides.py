@@ -29,6 +29,8 @@ NAME or NAME:VALUE (mini_autoguide.guidance.GUIDE_RECIPES; toy reproduce --guide
 """
 from dataclasses import replace
 
+import torch
+
 from mini_autoguide.ema import sigma_rel_to_gamma
 from mini_autoguide.guidance import parse_recipe
 
@@ -85,3 +87,19 @@ def weakened(recipe, main_net, seed):
     if name == "sigma":
         return main_net.weakened(sigma_scale=value)
     raise ValueError(f"guide recipe {name!r} trains its guide")
+
+
+def error_alignment(main, guide, gmm, sigmas=(0.01, 0.03, 0.1, 0.3, 1.0), n=2000, seed=0):
+    """What autoguidance assumes of its guide (arXiv 2406.02507, Sec. 3): errors like the main
+    model's in direction, but larger. At each sigma, over n samples of the noised class (gmm),
+    the median cosine between the guide's score error and main's, and the median ratio of their
+    lengths |e_guide| / |e_main|. Returns {sigma: (cosine, ratio)}."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for sigma in sigmas:
+        x = gmm.sample(n, sigma=sigma, generator=gen)
+        exact = gmm.score(x, sigma)
+        e_main, e_guide = main.score(x, sigma) - exact, guide.score(x, sigma) - exact
+        cosine = torch.nn.functional.cosine_similarity(e_main, e_guide, dim=1).median().item()
+        out[sigma] = (cosine, (e_guide.norm(dim=1) / e_main.norm(dim=1)).median().item())
+    return out
