@@ -18,13 +18,14 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import shutil
 import sys
 import time
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mini_autoguide.checkpoint import write_json  # noqa: E402
+from mini_autoguide.checkpoint import atomic_write, write_json  # noqa: E402
 from mini_autoguide.seeds import parse_seeds  # noqa: E402
 from mini_autoguide.guidance import METHODS  # noqa: E402
 from toy2d import guides, plots  # noqa: E402
@@ -99,11 +100,16 @@ def curve(summary, method, none):
     return c
 
 
-def alignment(out, recipe, seed):
-    """guides.error_alignment of a finished run's guide against its main model."""
+def _run(out, recipe, seed):
+    """A finished run's folder and Settings."""
     run = seed_dir(os.path.join(out, folder(recipe)), seed)
     with open(os.path.join(run, "metrics.json")) as f:
-        settings = Settings.from_json(json.load(f)["settings"])
+        return run, Settings.from_json(json.load(f)["settings"])
+
+
+def alignment(out, recipe, seed):
+    """guides.error_alignment of a finished run's guide against its main model."""
+    run, settings = _run(out, recipe, seed)
     main, _ = load_toy(os.path.join(run, "models", "main.safetensors"))
     if settings.config("guide") is None:
         guide = guides.weakened(recipe, main, settings.seed * 10 + MODELS.index("guide"))
@@ -138,25 +144,27 @@ def report(out, prefix, recipes=RECIPES):
     cost = {f"autoguidance, {r}": _extra_training(r, out, first["seeds"][0]) for r in summaries}
     cost.update({METHODS["cfg"].label: _extra_training(recipes[0], out, first["seeds"][0], "uncond"),
                  METHODS["truncation"].label: 0})
+    calls = 2 * _run(out, recipes[0], first["seeds"][0])[1].steps - 1   # Heun: two evaluations a step, one on the last
     result = dict(seeds=first["seeds"], rule=RULE, none={k: none["metrics"][k] for k in SHOWN}, curves=curves,
-                  extra_training_iterations=cost, seconds=json.load(open(os.path.join(out, "seconds.json"))))
+                  extra_training_iterations=cost, network_evaluations_unguided=calls,
+                  seconds=json.load(open(os.path.join(out, "seconds.json"))))
     write_json(prefix + ".json", result)
     rows = [f"{len(first['seeds'])} seeds; each method at its best w ({RULE}); mean ± std over seeds, and "
             "the paired change against no guidance with the seeds on which it helps.", "",
             "| method | w | outliers | change | recall | change | precision | extra training (iterations) | "
-            "guide's error against main's: cosine, length ratio (mean over σ) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "network evaluations a sample | guide's error against main's: cosine, length ratio (mean over σ) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             f"| no guidance | 1 | {_ms(none['metrics']['outliers'])} | | {_ms(none['metrics']['recall'])} | | "
-            f"{_ms(none['metrics']['precision'])} | 0 | |"]
+            f"{_ms(none['metrics']['precision'])} | 0 | {calls} | |"]
     for label, c in curves.items():
         i = best(c)
         o, r, p = c["outliers"], c["recall"], c["precision"]
         rows.append(f"| {label} | {c['weights'][i]:g} | {o['mean'][i]:.3f} ± {o['std'][i]:.3f} | "
                     f"{o['change_mean'][i]:+.3f} [{o['seeds_better'][i]}] | {r['mean'][i]:.3f} ± {r['std'][i]:.3f} | "
                     f"{r['change_mean'][i]:+.3f} | {p['mean'][i]:.3f} ± {p['std'][i]:.3f} | "
-                    f"{cost[label]} | {_alignment_cell(c)} |")
-    with open(prefix + ".md", "w") as f:
-        f.write("\n".join(rows) + "\n")
+                    f"{cost[label]} | {calls * (1 if label == 'truncation' or c['weights'][i] == 1 else 2)} | "
+                    f"{_alignment_cell(c)} |")
+    atomic_write(prefix + ".md", lambda tmp: pathlib.Path(tmp).write_text("\n".join(rows) + "\n"))
     styles = {METHODS[m].label: METHODS[m].style for m in ("cfg", "truncation")}
     plots.frontier_figure(prefix + ".png", [
         dict(c, label=label, style=styles.get(label, (RECIPE_STYLES[k % len(RECIPE_STYLES)], "^", "-")))
@@ -167,8 +175,7 @@ def report(out, prefix, recipes=RECIPES):
 def _extra_training(recipe, out, seed, model="guide"):
     """The iterations trained for a run's guide (or its unconditional model), from the settings the
     run recorded: 0 for a guide made from the main network."""
-    with open(os.path.join(seed_dir(os.path.join(out, folder(recipe)), seed), "metrics.json")) as f:
-        config = Settings.from_json(json.load(f)["settings"]).config(model)
+    config = _run(out, recipe, seed)[1].config(model)
     return 0 if config is None else config.iterations
 
 

@@ -259,6 +259,7 @@ def test_the_recipe_report_pairs_changes_and_picks_by_its_rule(tmp_path):
     assert result["extra_training_iterations"] == {"autoguidance, separate": 4, "autoguidance, skip:1": 0,
                                                    "CFG": 4, "truncation": 0}
     assert "| autoguidance, skip:1 |" in (tmp_path / "r.md").read_text()
+    assert result["network_evaluations_unguided"] == 2 * 3 - 1   # 3 Heun steps
     # the guide's error against main's, from each run's own models (skip:1 rebuilt from main)
     per_seed = []
     for seed in (0, 1):
