@@ -43,7 +43,8 @@ SHARED = ("main", "uncond")   # the models every recipe's run of a seed shares
 RECALL_FLOOR = 0.9
 RULE = f"the w with the fewest mean outliers among those with mean recall >= {RECALL_FLOOR} (else the highest recall)"
 SHOWN = ("outliers", "recall", "precision", "branch_tv", "mean_logp")
-RECIPE_STYLES = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#000000"]
+RECIPE_STYLES = [("#d62728", "^"), ("#ff7f0e", "<"), ("#8c564b", ">"), ("#000000", "x"), ("#17becf", "o"),
+                 ("#bcbd22", "P"), ("#7f7f7f", "*"), ("#e377c2", "h")]   # colour and marker a recipe
 
 
 def folder(recipe):
@@ -167,7 +168,7 @@ def report(out, prefix, recipes=RECIPES):
     atomic_write(prefix + ".md", lambda tmp: pathlib.Path(tmp).write_text("\n".join(rows) + "\n"))
     styles = {METHODS[m].label: METHODS[m].style for m in ("cfg", "truncation")}
     plots.frontier_figure(prefix + ".png", [
-        dict(c, label=label, style=styles.get(label, (RECIPE_STYLES[k % len(RECIPE_STYLES)], "^", "-")))
+        dict(c, label=label, style=styles.get(label, (*RECIPE_STYLES[k % len(RECIPE_STYLES)], "-")))
         for k, (label, c) in enumerate(curves.items())])
     return result
 

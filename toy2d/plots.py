@@ -184,7 +184,10 @@ def frontier_figure(path, curves):
         for c in curves:
             color, marker, line = c["style"]
             o, m = c["outliers"], c[key]
-            ax.errorbar(o["mean"], m["mean"], xerr=o["std"], yerr=m["std"], color=color, marker=marker, ls=line,
+            # bars clipped to the metrics' range [0, 1]
+            xerr = [np.minimum(o["std"], o["mean"]), np.minimum(o["std"], 1 - np.array(o["mean"]))]
+            yerr = [np.minimum(m["std"], m["mean"]), np.minimum(m["std"], 1 - np.array(m["mean"]))]
+            ax.errorbar(o["mean"], m["mean"], xerr=xerr, yerr=yerr, color=color, marker=marker, ls=line,
                         ms=5, capsize=2, lw=1.2, elinewidth=0.6, alpha=0.9, label=c["label"])
             ax.annotate(f"w={c['weights'][-1]:g}", (o["mean"][-1], m["mean"][-1]), fontsize=7, color=color,
                         textcoords="offset points", xytext=(4, 2))
